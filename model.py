@@ -1,0 +1,301 @@
+"""
+GPT-2 and Llama decoder-only transformers with a choice of normalization scheme, for studying
+"The Curse of Depth in Large Language Models" (Sun et al., 2025, arXiv 2502.05795).
+
+norm_scheme (x = residual stream entering block l, l = 1..L, N = the architecture's norm):
+  pre  h = x + A(N(x));          y = h + F(N(h))
+  lns  h = x + A(N(x) / sqrt(l)); y = h + F(N(h) / sqrt(l))    (LayerNorm Scaling)
+
+Block numbers l are 1-based everywhere in this file, as in the paper's formulas.
+"""
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ('gpt', 'llama')
+NORM_SCHEMES = ('pre', 'lns')
+
+
+@dataclass
+class GPTConfig:
+    arch: str = 'gpt'                    # 'gpt': GPT-2 (LayerNorm, learned positions, GELU); 'llama': RMSNorm, RoPE, SwiGLU
+    norm_scheme: str = 'pre'             # see the module docstring
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None      # key/value heads for grouped-query attention; None: n_head
+    n_embd: int = 768
+    ffn_hidden: Optional[int] = None     # MLP hidden size; None: 4*n_embd (gpt), 8/3*n_embd rounded up to a multiple of 8 (llama)
+    block_size: int = 1024               # longest sequence the model accepts
+    vocab_size: int = 50304              # GPT-2's 50257 tokens padded to a multiple of 64
+    bias: Optional[bool] = None          # biases in Linear and LayerNorm; None: True (gpt), False (llama)
+    dropout: float = 0.0
+    norm_eps: Optional[float] = None     # None: 1e-5 (gpt LayerNorm), 1e-6 (llama RMSNorm)
+    rope_theta: float = 10000.0          # llama only
+    tie_embeddings: Optional[bool] = None  # share the token embedding with the output head; None: True (gpt), False (llama)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if self.norm_scheme not in NORM_SCHEMES:
+            raise ValueError(f"norm_scheme must be one of {', '.join(NORM_SCHEMES)}, not {self.norm_scheme!r}")
+        llama = self.arch == 'llama'
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 8 * math.ceil(8 * self.n_embd / 3 / 8) if llama else 4 * self.n_embd
+        if self.bias is None:
+            self.bias = not llama
+        if self.norm_eps is None:
+            self.norm_eps = 1e-6 if llama else 1e-5
+        if self.tie_embeddings is None:
+            self.tie_embeddings = not llama
+        for name in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'vocab_size'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if llama and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head is {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, not {self.norm_eps}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; known ones are {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def lns_scale(config, depth):
+    """The factor block `depth` (1-based) multiplies its norm outputs by: 1/sqrt(l) under lns, else 1."""
+    return 1.0 / math.sqrt(depth) if config.norm_scheme == 'lns' else 1.0
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt) or RMSNorm computed in fp32 (llama), with the output multiplied by a constant `scale`.
+
+    The scale is a plain float fixed at construction. It is folded into the weight (and bias): N(x)*s equals
+    normalize(x)*(w*s) + b*s, which costs a vector multiply instead of one over the whole activation.
+    """
+
+    def __init__(self, config, scale=1.0):
+        super().__init__()
+        self.rms = config.arch == 'llama'
+        self.eps = config.norm_eps
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
+
+    def forward(self, x):
+        weight = self.weight * self.scale if self.scale != 1.0 else self.weight
+        if self.rms:
+            return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * weight
+        bias = self.bias * self.scale if self.bias is not None and self.scale != 1.0 else self.bias
+        return F.layer_norm(x, (x.size(-1),), weight, bias, self.eps)
+
+
+def rope_cos_sin(seq_len, head_dim, theta, device):
+    """cos and sin tables of shape (seq_len, head_dim) in the rotate-half layout of Hugging Face Llama."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates each (i, i + head_dim/2) pair of x (batch, heads, seq, head_dim) by its position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return (x * cos + rotated_half * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        # query, key and value projections fused into one matmul: n_head + 2*n_kv_head heads of head_dim
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x, rope):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each key/value head serves a group of query heads
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.arch == 'llama'
+        # gpt: proj(gelu(fc(x))); llama: proj(silu(gate(x)) * up(x)) with gate and up fused into fc
+        self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(self.fc(x), approximate='tanh'))
+
+
+class Block(nn.Module):
+    def __init__(self, config, depth):
+        super().__init__()
+        self.depth = depth  # l, 1-based
+        self.lns_scale = lns_scale(config, depth)
+        self.attn_norm = Norm(config, scale=self.lns_scale)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config, scale=self.lns_scale)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope):
+        # pre: h = x + A(N(x)); y = h + F(N(h)).
+        # lns: the same, each N's output multiplied by lns_scale = 1/sqrt(l) (done inside Norm).
+        h = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return h + self.dropout(self.mlp(self.mlp_norm(h)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.arch == 'gpt' else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, depth) for depth in range(1, config.n_layer + 1))
+        self.final_norm = Norm(config)  # never scaled
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # normal(0, 0.02) for every matrix and embedding, zero biases, unit norm weights: for every scheme
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, exclude_embeddings=False):
+        """Parameter count, shared tensors once. exclude_embeddings drops the input embedding tables
+        (token and position); a head tied to the token embedding still counts, since it is a matmul."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if not self.config.tie_embeddings:
+                total -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                total -= self.pos_emb.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, PaLM style (Chowdhery et al., 2022, appendix B): 6N for the matmuls of
+        the N non-embedding parameters, plus 12 * n_layer * n_embd * seq_len for attention scores and values."""
+        seq_len = seq_len or self.config.block_size
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    def forward(self, idx, targets=None, skip_layers=(), return_residuals=False):
+        """idx: (batch, seq) token ids. targets: same shape, -1 where no loss is wanted.
+        skip_layers: block numbers (1-based) to replace by the identity; the other blocks keep their own 1/sqrt(l).
+        Returns (logits, loss), plus with return_residuals a list of L+1 tensors: the residual stream entering
+        block 1 (the embeddings), then after each block l (before the final norm)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        skip = set(skip_layers)
+        if not skip <= set(range(1, self.config.n_layer + 1)):
+            raise ValueError(f"skip_layers must be block numbers from 1 to {self.config.n_layer}, not {sorted(skip)}")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        else:
+            cos, sin = rope_cos_sin(T, self.config.n_embd // self.config.n_head, self.config.rope_theta, idx.device)
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        x = self.dropout(x)
+        residuals = [x]
+        for block in self.blocks:
+            if block.depth not in skip:
+                x = block(x, rope)
+            residuals.append(x)
+        logits = self.lm_head(self.final_norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, residuals) if return_residuals else (logits, loss)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Appends max_new_tokens sampled tokens to idx (batch, seq); temperature 0 picks the most likely token."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float('-inf'))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings only, not on 1-D tensors (norm weights, biases)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+        ]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """Builds the model a checkpoint dict (see read_checkpoint) describes, with its weights."""
+        model = cls(GPTConfig.from_dict(checkpoint['model_config']))
+        model.load_state_dict(checkpoint['model'])
+        return model
+
+
+def read_checkpoint(path, map_location='cpu'):
+    """Loads a checkpoint written by train.py (tensors and plain types only); ValueError in one sentence otherwise."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}; train one first or check the path") from None
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {error}") from None
+    if not isinstance(checkpoint, dict) or not {'model', 'model_config'} <= set(checkpoint):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights and model_config)")
+    return checkpoint
