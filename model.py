@@ -104,7 +104,7 @@ class Norm(nn.Module):
     def forward(self, x):
         weight = self.weight * self.scale if self.scale != 1.0 else self.weight
         if self.rms:
-            return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * weight
+            return F.rms_norm(x.float(), (x.size(-1),), weight.float(), self.eps).type_as(x)
         bias = self.bias * self.scale if self.bias is not None and self.scale != 1.0 else self.bias
         return F.layer_norm(x, (x.size(-1),), weight, bias, self.eps)
 

@@ -1,0 +1,72 @@
+"""The prepare scripts: what they write, and that bad input writes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
+
+
+def prepare(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'data', script, 'prepare.py'), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_split(folder, split):
+    return np.fromfile(os.path.join(folder, f'{split}.bin'), dtype=np.uint16)
+
+
+def test_char_prepare_round_trips_the_text_with_a_90_10_split(tmp_path):
+    source = tmp_path / 'input.txt'
+    source.write_text(TEXT)
+    result = prepare('shakespeare_char', '--input', str(source), '--out_dir', str(tmp_path / 'out'))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
+    assert meta['chars'] == ''.join(sorted(set(TEXT))) and meta['vocab_size'] == len(set(TEXT))
+    train, val = read_split(tmp_path / 'out', 'train'), read_split(tmp_path / 'out', 'val')
+    assert len(train) == int(0.9 * len(TEXT)) and len(train) + len(val) == len(TEXT)
+    assert ''.join(meta['chars'][i] for i in np.concatenate([train, val])) == TEXT
+
+
+def test_bpe_prepare_writes_gpt2_tokens_and_padded_vocab(tmp_path):
+    tiktoken = pytest.importorskip('tiktoken')
+    try:
+        encoding = tiktoken.get_encoding('gpt2')
+    except Exception as error:  # offline without TIKTOKEN_CACHE_DIR
+        pytest.skip(f"tiktoken's gpt2 encoding is not available: {error}")
+    source = tmp_path / 'input.txt'
+    source.write_text(TEXT)
+    result = prepare('shakespeare', '--input', str(source), '--out_dir', str(tmp_path / 'out'))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
+    assert meta['vocab_size'] == 50304 and meta['vocab_size'] % 64 == 0 and meta['tokenizer'] == 'gpt2'
+    cut = int(0.9 * len(TEXT))
+    assert read_split(tmp_path / 'out', 'train').tolist() == encoding.encode_ordinary(TEXT[:cut])
+    assert encoding.decode(read_split(tmp_path / 'out', 'val').tolist()) == TEXT[cut:]
+
+
+@pytest.mark.parametrize('content', ['', '   \n'])
+def test_empty_input_fails_in_one_sentence_and_keeps_the_old_dataset(tmp_path, content):
+    good = tmp_path / 'good.txt'
+    good.write_text(TEXT)
+    out = tmp_path / 'out'
+    assert prepare('shakespeare_char', '--input', str(good), '--out_dir', str(out)).returncode == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    bad = tmp_path / 'bad.txt'
+    bad.write_text(content)
+    result = prepare('shakespeare_char', '--input', str(bad), '--out_dir', str(out))
+    assert result.returncode != 0
+    assert result.stderr.startswith('error: ') and 'empty' in result.stderr and 'Traceback' not in result.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_missing_input_file_fails_in_one_sentence(tmp_path):
+    result = prepare('shakespeare_char', '--input', str(tmp_path / 'nope.txt'), '--out_dir', str(tmp_path / 'out'))
+    assert result.returncode != 0 and 'Traceback' not in result.stderr and 'nope.txt' in result.stderr
+    assert not (tmp_path / 'out').exists()
