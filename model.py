@@ -2,9 +2,14 @@
 GPT-2 and Llama decoder-only transformers with a choice of normalization scheme, for studying
 "The Curse of Depth in Large Language Models" (Sun et al., 2025, arXiv 2502.05795).
 
-norm_scheme (x = residual stream entering block l, l = 1..L, N = the architecture's norm):
-  pre  h = x + A(N(x));          y = h + F(N(h))
-  lns  h = x + A(N(x) / sqrt(l)); y = h + F(N(h) / sqrt(l))    (LayerNorm Scaling)
+norm_scheme (x = residual stream entering block l, l = 1..L, N = the architecture's norm, A = attention, F = MLP):
+  pre       h = x + A(N(x));               y = h + F(N(h))
+  lns       h = x + A(N(x) / sqrt(l));     y = h + F(N(h) / sqrt(l))        (LayerNorm Scaling, the paper's method)
+  post      h = N(x + A(x));               y = N(h + F(h))
+  deepnorm  h = N(a*x + A(x));             y = N(a*h + F(h)), a = (2L)^(1/4), with DeepNet's init
+  mix       post for blocks 1..round(mix_ratio * L), pre after them (Mix-LN)
+  peri      h = x + N2(A(N1(x)));          y = h + N4(F(N3(h)))             (Peri-LN / Sandwich-LN)
+Every scheme ends with a final norm before the output head (as the paper's code does, Post-LN included).
 
 Block numbers l are 1-based everywhere in this file, as in the paper's formulas.
 """
@@ -19,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ('gpt', 'llama')
-NORM_SCHEMES = ('pre', 'lns')
+NORM_SCHEMES = ('pre', 'lns', 'post', 'deepnorm', 'mix', 'peri')
+INIT_SCHEMES = ('normal', 'scaled', 'depth')
+LNS_POSITIONS = ('norm', 'sublayer', 'attn', 'mlp')
 
 
 @dataclass
@@ -38,12 +45,31 @@ class GPTConfig:
     norm_eps: Optional[float] = None     # None: 1e-5 (gpt LayerNorm), 1e-6 (llama RMSNorm)
     rope_theta: float = 10000.0          # llama only
     tie_embeddings: Optional[bool] = None  # share the token embedding with the output head; None: True (gpt), False (llama)
+    mix_ratio: float = 0.25              # mix: the first round(mix_ratio * n_layer) blocks are post, the rest pre
+    lns_position: str = 'norm'           # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
+    # alternatives to LNS that the paper compares (Table 6); they combine with any norm_scheme
+    init_scheme: str = 'normal'          # 'normal': 0.02 everywhere; 'scaled': residual-output projections
+                                         # 0.02/sqrt(2L); 'depth': those 0.02/sqrt(2l)
+    layerscale: bool = False             # a learnable per-channel scale on each residual branch (CaiT)
+    layerscale_init: Optional[float] = None  # its initial value; None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
+    skipinit: bool = False               # a learnable scalar on each residual branch, initialised 1/sqrt(L)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
-        if self.norm_scheme not in NORM_SCHEMES:
-            raise ValueError(f"norm_scheme must be one of {', '.join(NORM_SCHEMES)}, not {self.norm_scheme!r}")
+        for name, choices in (('norm_scheme', NORM_SCHEMES), ('init_scheme', INIT_SCHEMES),
+                              ('lns_position', LNS_POSITIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.lns_position != 'norm' and self.norm_scheme != 'lns':
+            raise ValueError(f"lns_position only applies to norm_scheme='lns', not {self.norm_scheme!r}; "
+                             f"leave it 'norm'")
+        if self.norm_scheme == 'deepnorm' and self.init_scheme != 'normal':
+            raise ValueError("deepnorm brings its own init; leave init_scheme='normal' with it")
+        if self.layerscale and self.skipinit:
+            raise ValueError("layerscale and skipinit both scale the residual branches; choose one")
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise ValueError(f"mix_ratio must be in [0, 1], not {self.mix_ratio}")
         llama = self.arch == 'llama'
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -55,6 +81,8 @@ class GPTConfig:
             self.norm_eps = 1e-6 if llama else 1e-5
         if self.tie_embeddings is None:
             self.tie_embeddings = not llama
+        if self.layerscale_init is None:
+            self.layerscale_init = 0.1 if self.n_layer <= 18 else 1e-5 if self.n_layer <= 24 else 1e-6
         for name in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'vocab_size'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)}")
@@ -82,8 +110,22 @@ class GPTConfig:
 
 
 def lns_scale(config, depth):
-    """The factor block `depth` (1-based) multiplies its norm outputs by: 1/sqrt(l) under lns, else 1."""
+    """The LayerNorm Scaling factor of block `depth` (1-based): 1/sqrt(l) under lns, else 1."""
     return 1.0 / math.sqrt(depth) if config.norm_scheme == 'lns' else 1.0
+
+
+def block_layout(config, depth):
+    """Where block `depth` puts its norms: 'pre' (pre, lns, mix after the boundary), 'post' (post, deepnorm,
+    mix's first round(mix_ratio * L) blocks) or 'peri'."""
+    if config.norm_scheme == 'mix':
+        return 'post' if depth <= round(config.mix_ratio * config.n_layer) else 'pre'
+    return {'pre': 'pre', 'lns': 'pre', 'post': 'post', 'deepnorm': 'post', 'peri': 'peri'}[config.norm_scheme]
+
+
+def deepnorm_constants(n_layer):
+    """DeepNet's decoder-only constants (Wang et al., 2022): residual multiplier a = (2L)^(1/4) and init gain
+    b = (8L)^(-1/4)."""
+    return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
 
 
 class Norm(nn.Module):
@@ -131,13 +173,13 @@ class Attention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         # query, key and value projections fused into one matmul: n_head + 2*n_kv_head heads of head_dim
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.qkv_sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        self.qkv = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, rope):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -170,18 +212,50 @@ class Block(nn.Module):
     def __init__(self, config, depth):
         super().__init__()
         self.depth = depth  # l, 1-based
+        self.layout = block_layout(config, depth)
+        # LayerNorm Scaling multiplies by 1/sqrt(l) both norm outputs (lns_position 'norm', the method), one of
+        # them ('attn', 'mlp'), or the sublayer outputs instead ('sublayer'); the norms fold their factor in
         self.lns_scale = lns_scale(config, depth)
-        self.attn_norm = Norm(config, scale=self.lns_scale)
+        position = config.lns_position
+        self.attn_norm = Norm(config, scale=self.lns_scale if position in ('norm', 'attn') else 1.0)
+        self.mlp_norm = Norm(config, scale=self.lns_scale if position in ('norm', 'mlp') else 1.0)
+        self.branch_scale = self.lns_scale if position == 'sublayer' else 1.0
         self.attn = Attention(config)
-        self.mlp_norm = Norm(config, scale=self.lns_scale)
         self.mlp = MLP(config)
+        if self.layout == 'peri':
+            self.attn_out_norm, self.mlp_out_norm = Norm(config), Norm(config)
+        self.residual_scale = deepnorm_constants(config.n_layer)[0] if config.norm_scheme == 'deepnorm' else 1.0
+        # learnable gains on the residual branches: LayerScale per channel, SkipInit one scalar
+        self.attn_gain = self.mlp_gain = None
+        if config.layerscale:
+            self.attn_gain = nn.Parameter(torch.full((config.n_embd,), config.layerscale_init))
+            self.mlp_gain = nn.Parameter(torch.full((config.n_embd,), config.layerscale_init))
+        elif config.skipinit:
+            self.attn_gain = nn.Parameter(torch.tensor(1 / math.sqrt(config.n_layer)))
+            self.mlp_gain = nn.Parameter(torch.tensor(1 / math.sqrt(config.n_layer)))
         self.dropout = nn.Dropout(config.dropout)
 
+    def branch(self, y, gain):
+        """What a sublayer adds to the residual stream: its output after dropout, times the learnable gain
+        (layerscale, skipinit) and the sublayer LNS factor when those are on."""
+        y = self.dropout(y)
+        if gain is not None:
+            y = y * gain
+        return y * self.branch_scale if self.branch_scale != 1.0 else y
+
     def forward(self, x, rope):
-        # pre: h = x + A(N(x)); y = h + F(N(h)).
-        # lns: the same, each N's output multiplied by lns_scale = 1/sqrt(l) (done inside Norm).
-        h = x + self.dropout(self.attn(self.attn_norm(x), rope))
-        return h + self.dropout(self.mlp(self.mlp_norm(h)))
+        if self.layout == 'pre':  # pre; lns (1/sqrt(l) inside the norms); mix after its boundary
+            # h = x + A(N(x)); y = h + F(N(h))
+            h = x + self.branch(self.attn(self.attn_norm(x), rope), self.attn_gain)
+            return h + self.branch(self.mlp(self.mlp_norm(h)), self.mlp_gain)
+        if self.layout == 'post':  # post and mix's first blocks (a = 1); deepnorm (a = (2L)^(1/4))
+            # h = N(a*x + A(x)); y = N(a*h + F(h))
+            a = self.residual_scale
+            h = self.attn_norm(a * x + self.branch(self.attn(x, rope), self.attn_gain))
+            return self.mlp_norm(a * h + self.branch(self.mlp(h), self.mlp_gain))
+        # peri: h = x + N2(A(N1(x))); y = h + N4(F(N3(h)))
+        h = x + self.branch(self.attn_out_norm(self.attn(self.attn_norm(x), rope)), self.attn_gain)
+        return h + self.branch(self.mlp_out_norm(self.mlp(self.mlp_norm(h))), self.mlp_gain)
 
 
 class GPT(nn.Module):
@@ -196,15 +270,38 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(module):
-        # normal(0, 0.02) for every matrix and embedding, zero biases, unit norm weights: for every scheme
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self):
+        """normal(0, 0.02) for every matrix and embedding, zero biases, unit norm weights; then init_scheme's
+        residual-output projections, or DeepNet's Xavier init under deepnorm."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        L = self.config.n_layer
+        for block in self.blocks:
+            residual_outputs = (block.attn.proj.weight, block.mlp.proj.weight)
+            if self.config.init_scheme == 'scaled':
+                for weight in residual_outputs:
+                    nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * L))
+            elif self.config.init_scheme == 'depth':
+                for weight in residual_outputs:
+                    nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * block.depth))
+            if self.config.norm_scheme == 'deepnorm':
+                # Xavier-normal per projection (each slice of a fused matrix has its own fan-out):
+                # gain 1 for query and key, b = (8L)^(-1/4) for value, attention output and the MLP
+                b = deepnorm_constants(L)[1]
+                q, k, v = block.attn.qkv.weight.split(block.attn.qkv_sizes)
+                nn.init.xavier_normal_(q, gain=1.0)
+                nn.init.xavier_normal_(k, gain=1.0)
+                nn.init.xavier_normal_(v, gain=b)
+                nn.init.xavier_normal_(block.attn.proj.weight, gain=b)
+                for weight in block.mlp.fc.weight.chunk(2 if block.mlp.swiglu else 1):
+                    nn.init.xavier_normal_(weight, gain=b)
+                nn.init.xavier_normal_(block.mlp.proj.weight, gain=b)
 
     def num_params(self, exclude_embeddings=False):
         """Parameter count, shared tensors once. exclude_embeddings drops the input embedding tables

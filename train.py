@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 16                   # sequences per micro-step
     block_size: int = 64                   # tokens per sequence
     gradient_accumulation_steps: int = 1   # micro-steps per optimizer step
-    # model (model.GPTConfig); None means the architecture's default, vocab_size None means the dataset's
+    # model: model.GPTConfig's fields, documented there; None means the architecture's default (vocab_size: the dataset's)
     arch: str = 'llama'
     norm_scheme: str = 'lns'
     n_layer: int = 12
@@ -57,6 +57,12 @@ class TrainConfig:
     norm_eps: Optional[float] = None
     rope_theta: float = 10000.0
     tie_embeddings: Optional[bool] = None
+    mix_ratio: float = 0.25
+    lns_position: str = 'norm'
+    init_scheme: str = 'normal'
+    layerscale: bool = False
+    layerscale_init: Optional[float] = None
+    skipinit: bool = False
     # AdamW
     learning_rate: float = 2e-3            # peak learning rate
     max_iters: int = 1500                  # optimizer steps in all

@@ -8,60 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, Norm, apply_rope, lns_scale, rope_cos_sin
+from reference import randomize, reference_logits, tiny_config, tokens
 
 ARCHS = ['gpt', 'llama']
-
-
-def tiny_config(arch, norm_scheme='pre', **overrides):
-    values = dict(arch=arch, norm_scheme=norm_scheme, n_layer=4, n_head=4, n_embd=32, block_size=16, vocab_size=50)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Non-trivial values everywhere, so that norm weights and biases matter (at init they are 1 and 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=generator)
-        p.copy_(1 + 0.3 * noise if name.endswith('norm.weight') else 0.1 * noise)
-    return model
-
-
-def tokens(config, batch=2, seq=12, seed=1):
-    return torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def reference_norm(config, norm, x):
-    """LayerNorm (gpt) or RMSNorm in fp32 (llama) written out, with the module's own weight and bias, unscaled."""
-    if config.arch == 'llama':
-        x32 = x.float()
-        return (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + config.norm_eps)).type_as(x) * norm.weight
-    mean = x.mean(-1, keepdim=True)
-    variance = (x - mean).pow(2).mean(-1, keepdim=True)
-    y = (x - mean) / torch.sqrt(variance + config.norm_eps) * norm.weight
-    return y + norm.bias if norm.bias is not None else y
-
-
-@torch.no_grad()
-def reference_logits(model, idx, norm_scheme, skip=()):
-    """A slow forward from the paper's formulas, one block l = 1..L at a time, reusing only the sublayers A and F:
-    pre: h = x + A(N(x)), y = h + F(N(h)); lns: the same with both N(.) divided by sqrt(l)."""
-    config = model.config
-    T = idx.size(1)
-    x = model.tok_emb(idx)
-    rope = None
-    if config.arch == 'gpt':
-        x = x + model.pos_emb.weight[:T]
-    else:
-        rope = rope_cos_sin(T, config.n_embd // config.n_head, config.rope_theta, idx.device)
-    for depth, block in enumerate(model.blocks, start=1):
-        if depth in skip:
-            continue
-        factor = 1 / math.sqrt(depth) if norm_scheme == 'lns' else 1.0
-        h = x + block.attn(reference_norm(config, block.attn_norm, x) * factor, rope)
-        x = h + block.mlp(reference_norm(config, block.mlp_norm, h) * factor)
-    return model.lm_head(reference_norm(config, model.final_norm, x))
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -70,7 +19,7 @@ def test_forward_matches_formula_reference(arch, norm_scheme):
     model = randomize(GPT(tiny_config(arch, norm_scheme)))
     idx = tokens(model.config)
     logits, _ = model(idx)
-    torch.testing.assert_close(logits, reference_logits(model, idx, norm_scheme), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference_logits(model, idx), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -123,7 +72,7 @@ def test_skipping_block_k_equals_the_model_without_it_with_factors_kept(arch, sk
     model = randomize(GPT(tiny_config(arch, 'lns')))
     idx = tokens(model.config)
     logits, _ = model(idx, skip_layers={skipped})
-    torch.testing.assert_close(logits, reference_logits(model, idx, 'lns', skip={skipped}), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference_logits(model, idx, skip={skipped}), rtol=1e-5, atol=1e-5)
     deleted = copy.deepcopy(model)
     del deleted.blocks[skipped - 1]
     torch.testing.assert_close(logits, deleted(idx)[0], rtol=1e-5, atol=1e-5)
