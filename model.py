@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 ARCHS = ('gpt', 'llama')
 NORM_SCHEMES = ('pre', 'lns', 'post', 'deepnorm', 'mix', 'peri')
@@ -31,27 +32,28 @@ LNS_POSITIONS = ('norm', 'sublayer', 'attn', 'mlp')
 
 @dataclass
 class GPTConfig:
-    arch: str = 'gpt'                    # 'gpt': GPT-2 (LayerNorm, learned positions, GELU); 'llama': RMSNorm, RoPE, SwiGLU
+    # 'gpt': GPT-2 (LayerNorm, learned positions, GELU); 'llama': RMSNorm, RoPE, SwiGLU, grouped-query attention
+    arch: str = 'gpt'
     norm_scheme: str = 'pre'             # see the module docstring
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: Optional[int] = None      # key/value heads for grouped-query attention; None: n_head
     n_embd: int = 768
-    ffn_hidden: Optional[int] = None     # MLP hidden size; None: 4*n_embd (gpt), 8/3*n_embd rounded up to a multiple of 8 (llama)
+    ffn_hidden: Optional[int] = None     # MLP hidden size; None: 4*n_embd (gpt), 8/3*n_embd to a multiple of 8 (llama)
     block_size: int = 1024               # longest sequence the model accepts
     vocab_size: int = 50304              # GPT-2's 50257 tokens padded to a multiple of 64
     bias: Optional[bool] = None          # biases in Linear and LayerNorm; None: True (gpt), False (llama)
     dropout: float = 0.0
     norm_eps: Optional[float] = None     # None: 1e-5 (gpt LayerNorm), 1e-6 (llama RMSNorm)
     rope_theta: float = 10000.0          # llama only
-    tie_embeddings: Optional[bool] = None  # share the token embedding with the output head; None: True (gpt), False (llama)
+    tie_embeddings: Optional[bool] = None  # the output head shares the token embedding; None: True (gpt), False (llama)
     mix_ratio: float = 0.25              # mix: the first round(mix_ratio * n_layer) blocks are post, the rest pre
     lns_position: str = 'norm'           # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
     # alternatives to LNS that the paper compares (Table 6); they combine with any norm_scheme
     init_scheme: str = 'normal'          # 'normal': 0.02 everywhere; 'scaled': residual-output projections
                                          # 0.02/sqrt(2L); 'depth': those 0.02/sqrt(2l)
     layerscale: bool = False             # a learnable per-channel scale on each residual branch (CaiT)
-    layerscale_init: Optional[float] = None  # its initial value; None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
+    layerscale_init: Optional[float] = None  # None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
     skipinit: bool = False               # a learnable scalar on each residual branch, initialised 1/sqrt(L)
 
     def __post_init__(self):
@@ -105,7 +107,8 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; known ones are {', '.join(sorted(known))}")
+            raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; "
+                             f"known ones are {', '.join(sorted(known))}")
         return cls(**values)
 
 
@@ -270,6 +273,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # True: recompute block activations in backward, to save memory
         self.init_weights()
 
     @torch.no_grad()
@@ -341,7 +345,11 @@ class GPT(nn.Module):
         x = self.dropout(x)
         residuals = [x]
         for block in self.blocks:
-            if block.depth not in skip:
+            if block.depth in skip:
+                pass
+            elif self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
                 x = block(x, rope)
             residuals.append(x)
         logits = self.lm_head(self.final_norm(x))

@@ -3,24 +3,29 @@ Trains a GPT or Llama model (model.py) on a prepared token dataset (data/<datase
 
     python train.py                                   # small deep Llama with LNS on shakespeare_char, CPU, ~5 min
     python train.py config/some_config.py --key=value # a config file, then overrides, applied in order
+    torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py   # DDP on 8 GPUs
 
 Every knob is a field of TrainConfig below; its default is the documentation. Model knobs share the names of
 model.GPTConfig's fields.
 """
 
 import ast
+import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union, get_args, get_type_hints
+from typing import Optional, get_args, get_type_hints
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from model import GPT, GPTConfig, read_checkpoint
 
@@ -42,8 +47,9 @@ class TrainConfig:
     data_dir: str = ''                     # '' means data/<dataset> beside this file
     batch_size: int = 16                   # sequences per micro-step
     block_size: int = 64                   # tokens per sequence
-    gradient_accumulation_steps: int = 1   # micro-steps per optimizer step
-    # model: model.GPTConfig's fields, documented there; None means the architecture's default (vocab_size: the dataset's)
+    gradient_accumulation_steps: int = 1   # micro-steps per optimizer step, all processes together (torchrun
+                                           # divides them), so the global batch does not depend on the GPU count
+    # model: model.GPTConfig's fields, documented there; None: the architecture's default (vocab_size: the dataset's)
     arch: str = 'llama'
     norm_scheme: str = 'lns'
     n_layer: int = 12
@@ -79,6 +85,8 @@ class TrainConfig:
     device: str = 'auto'                   # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = 'float32'                 # 'float32', 'bfloat16' or 'float16' (autocast)
     compile: bool = False                  # torch.compile the model
+    activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
+    keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
     seed: int = 1337
 
 
@@ -233,8 +241,8 @@ def to_device(x, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, state):
-    """Writes state atomically: a crash mid-write leaves the previous checkpoint intact."""
+def write_atomically(path, state):
+    """torch.save to a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
         torch.save(state, f)
@@ -243,10 +251,27 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def save_checkpoint(out_dir, state, keep_last_n=0):
+    """Writes out_dir/ckpt.pt atomically, keeping the keep_last_n previous ones as ckpt-<iter>.pt."""
+    numbered = os.path.join(out_dir, f"ckpt-{state['iter_num']:07d}.pt")
+    write_atomically(numbered, state)
+    latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt.pt.tmp')
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(numbered, tmp)  # a second name for the same file: no copy
+    except OSError:
+        shutil.copyfile(numbered, tmp)
+    os.replace(tmp, latest)
+    numbered_files = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
+    for old in numbered_files[:len(numbered_files) - keep_last_n - 1] if keep_last_n else numbered_files:
+        os.remove(old)
+
+
 def rng_state(sampler):
     state = {'sampler': sampler.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
@@ -254,14 +279,51 @@ def restore_rng_state(state, sampler):
     sampler.set_state(state['sampler'])
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state(state['cuda'])
 
 
-# ----------------------------------------------------------------------------- training
+def truncate_log(path, last_iter):
+    """Drops log records after last_iter (written by a run that died after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)['iter'] <= last_iter]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
-def resolve_device(name):
+
+# ----------------------------------------------------------------------------- processes and devices
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    """Joins the process group when launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE are set)."""
+    if 'RANK' not in os.environ:
+        return Distributed()
+    dist = Distributed(int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE']))
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    if backend == 'nccl':
+        torch.cuda.set_device(dist.local_rank)
+    torch.distributed.init_process_group(backend=backend)
+    return dist
+
+
+def resolve_device(name, dist):
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and dist.world_size > 1:
+        name = f'cuda:{dist.local_rank}'
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -271,42 +333,74 @@ def resolve_device(name):
     return device
 
 
+def all_reduce_sum(values, dist, device):
+    """The sums over all processes of a list of floats (the list itself in a single process)."""
+    if dist.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# dense bf16 tensor-core peak of one GPU, FLOP/s, from the vendors' datasheets; matched against the device name
+# in this order (so that 'A100' is tried before 'A10', 'L40S' before 'L4')
+PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),
+              ('A100', 312e12), ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12), ('V100', 125e12)]
+
+
+def peak_flops(device):
+    """(name, peak FLOP/s) of the device, with peak None where unknown (every CPU, unlisted GPUs)."""
+    if device.type != 'cuda':
+        return 'cpu', None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
 def append_log(path, record):
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
+# ----------------------------------------------------------------------------- training
+
 @torch.no_grad()
-def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast):
-    """Mean loss per split over the fixed evaluation batches."""
+def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast, dist):
+    """Mean loss per split over the fixed evaluation batches, shared out among the processes."""
     model.eval()
     losses = {}
     for split, batches in eval_offsets.items():
         tokens = open_tokens(data_dir, split)
+        mine = batches[dist.rank::dist.world_size]
         total = 0.0
-        for offsets in batches:
+        for offsets in tqdm(mine, desc=f'eval {split}', leave=False, disable=not dist.master or len(mine) < 20):
             x, y = read_windows(tokens, offsets, block_size)
             with autocast:
                 _, loss = model(to_device(x, device), to_device(y, device))
             total += loss.item()
-        losses[split] = total / len(batches)
+        total, count = all_reduce_sum([total, len(mine)], dist, device)
+        losses[split] = total / count
     model.train()
     return losses
 
 
-def print_startup(cfg, config, model, device):
+def print_startup(cfg, config, model, device, dist):
     print('config:', ', '.join(f'{k}={v}' for k, v in asdict(cfg).items()))
     print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print(f"device {device}; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
-          f"without embeddings); {tokens_per_iter:,} tokens per iteration "
-          f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size}); "
-          f"{model.flops_per_token(cfg.block_size):,} FLOPs per token")
+    device_name, peak = peak_flops(device)
+    print(f"{dist.world_size} process(es) on {device_name} (peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
+          f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
+    print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
+          f"{cfg.gradient_accumulation_steps} micro-steps ({cfg.gradient_accumulation_steps // dist.world_size} "
+          f"per process); {model.flops_per_token(cfg.block_size):,} FLOPs per token")
     print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
 
 
-def train(cfg):
-    device = resolve_device(cfg.device)
+def check_inputs(cfg, dist):
+    """Everything about the data and out_dir that can be wrong, before anything is built or written."""
+    if cfg.gradient_accumulation_steps % dist.world_size:
+        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+                        f"number of processes ({dist.world_size}) to keep the global batch; change one of them")
     data_dir = resolve_data_dir(cfg)
     meta = read_meta(data_dir, cfg.dataset)
     config = model_config(cfg, meta['vocab_size'])
@@ -321,35 +415,44 @@ def train(cfg):
                             f"lower block_size or prepare more data")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
+    return data_dir, config
+
+
+def load_resume_checkpoint(cfg, config, device):
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
+    try:
+        checkpoint = read_checkpoint(ckpt_path, map_location=device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if checkpoint['model_config'] != config.to_dict():
+        differences = [f"{k}={checkpoint['model_config'].get(k)!r} (asked: {v!r})"
+                       for k, v in config.to_dict().items() if checkpoint['model_config'].get(k) != v]
+        raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
+                        f"resume with the checkpoint's settings or use another out_dir")
+    return checkpoint
+
+
+def train(cfg, dist):
+    data_dir, config = check_inputs(cfg, dist)
+    device = resolve_device(cfg.device, dist)
+    checkpoint = load_resume_checkpoint(cfg, config, device) if cfg.init_from == 'resume' else None
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
-    checkpoint = None
-    if cfg.init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
-        try:
-            checkpoint = read_checkpoint(ckpt_path, map_location=device)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if checkpoint['model_config'] != config.to_dict():
-            differences = [f"{k}={checkpoint['model_config'].get(k)!r} (asked: {v!r})"
-                           for k, v in config.to_dict().items() if checkpoint['model_config'].get(k) != v]
-            raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
-                            f"resume with the checkpoint's settings or use another out_dir")
-
+    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
+    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
     torch.manual_seed(cfg.seed)
     model = GPT(config).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
+    torch.set_float32_matmul_precision('high')  # TF32 matmuls on GPUs that have them
     autocast = (nullcontext() if cfg.dtype == 'float32'
                 else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
     sampler = torch.Generator().manual_seed(cfg.seed)
-    # fixed evaluation batches, drawn once from their own seed so that every evaluation sees the same tokens
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
     eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
                                            eval_generator) for _ in range(cfg.eval_iters)]
                     for split in ('train', 'val')}
@@ -359,19 +462,31 @@ def train(cfg):
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
-        restore_rng_state(checkpoint['rng'], sampler)
+        ranks = checkpoint['rng']
+        restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
+        if len(ranks) != dist.world_size:
+            torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
-        checkpoint = None
+        if dist.master:
+            truncate_log(log_path, iter_num)
+            print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
+        checkpoint = None  # free its memory
     start_iter = iter_num
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    print_startup(cfg, config, model, device)
+    if dist.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print_startup(cfg, config, model, device, dist)
     train_model = torch.compile(model) if cfg.compile else model
-    if cfg.wandb_log:
+    if dist.world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if cfg.wandb_log and dist.master:
         import wandb
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
 
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    my_micro_steps = slice(dist.rank * micro_steps, (dist.rank + 1) * micro_steps)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
+    _, peak = peak_flops(device)
     step_seconds, steps_timed = 0.0, 0  # training time since the last log line, evaluation excluded
     while True:
         lr = get_lr(iter_num, cfg)
@@ -380,41 +495,51 @@ def train(cfg):
 
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 iter_num == start_iter and start_iter > 0):
-            losses = estimate_loss(model, data_dir, eval_offsets, cfg.block_size, device, autocast)
-            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            append_log(log_path, {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
-            if cfg.wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+            losses = estimate_loss(model, data_dir, eval_offsets, cfg.block_size, device, autocast, dist)
             if not math.isfinite(losses['val']):
                 raise UserError(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without "
                                 f"saving (lower learning_rate or set grad_clip)")
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                save_checkpoint(ckpt_path, {
-                    'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
-                    'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_state(sampler)})
+            save = iter_num > 0 and (improved or cfg.always_save_checkpoint)
+            rng_states = [rng_state(sampler)]
+            if save and dist.world_size > 1:
+                rng_states = [None] * dist.world_size
+                torch.distributed.all_gather_object(rng_states, rng_state(sampler))
+            if dist.master:
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                append_log(log_path, {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+                if cfg.wandb_log:
+                    wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+                if save:
+                    save_checkpoint(cfg.out_dir, {
+                        'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
+                        'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states}, cfg.keep_last_n)
         if iter_num >= cfg.max_iters:
             break
 
         step_start = time.time()
         tokens = open_tokens(data_dir, 'train')
-        loss_sum = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = read_windows(tokens, random_offsets(tokens, cfg.batch_size, cfg.block_size, sampler),
-                                cfg.block_size)
+        offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step, batch in enumerate(offsets.view(-1, cfg.batch_size)[my_micro_steps]):
+            if dist.world_size > 1:  # average gradients across processes only after the last micro-step
+                train_model.require_backward_grad_sync = micro_step == micro_steps - 1
+            x, y = read_windows(tokens, batch, cfg.block_size)
             with autocast:
                 _, loss = train_model(to_device(x, device), to_device(y, device))
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            scaler.scale(loss / micro_steps).backward()
             loss_sum += loss.detach()
-        loss_value = loss_sum.item() / cfg.gradient_accumulation_steps
+        loss_value = all_reduce_sum([loss_sum.item()], dist, device)[0] / cfg.gradient_accumulation_steps
         if not math.isfinite(loss_value):
             raise UserError(f"training loss is {loss_value} at iteration {iter_num}; stopped without saving "
                             f"(lower learning_rate or set grad_clip)")
-        if cfg.grad_clip > 0:
+        logging = (iter_num + 1) % cfg.log_interval == 0
+        grad_norm = None
+        if cfg.grad_clip > 0 or logging:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf')).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -422,23 +547,35 @@ def train(cfg):
         step_seconds += time.time() - step_start
         steps_timed += 1
 
-        if iter_num % cfg.log_interval == 0:
-            ms_per_iter = 1000 * step_seconds / steps_timed
-            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms_per_iter:.1f} ms/iter, "
-                  f"{tokens_per_iter * steps_timed / step_seconds:,.0f} tokens/s")
-            append_log(log_path, {'iter': iter_num, 'loss': loss_value, 'lr': lr, 'ms_per_iter': ms_per_iter})
+        if logging and dist.master:
+            seconds_per_iter = step_seconds / steps_timed
+            record = {'iter': iter_num, 'loss': loss_value, 'lr': lr, 'grad_norm': grad_norm,
+                      'ms_per_iter': 1000 * seconds_per_iter, 'tokens_per_sec': tokens_per_iter / seconds_per_iter,
+                      'mfu': flops_per_iter / seconds_per_iter / (peak * dist.world_size) if peak else None}
+            mfu = f"{record['mfu']:.1%}" if peak else 'unknown'
+            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                  f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}")
+            append_log(log_path, record)
             if cfg.wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss': loss_value, 'lr': lr})
+                wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
+        if logging:
             step_seconds, steps_timed = 0.0, 0
     return best_val_loss
 
 
 def main(argv):
+    dist = None
     try:
-        train(parse_config(argv))
+        cfg = parse_config(argv)
+        dist = setup_distributed()
+        train(cfg, dist)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if dist is None or dist.master:
+            print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if dist is not None and dist.world_size > 1:
+            torch.distributed.destroy_process_group()
     return 0
 
 

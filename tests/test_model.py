@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import GPT, GPTConfig, Norm, apply_rope, lns_scale, rope_cos_sin
 from reference import randomize, reference_logits, tiny_config, tokens
@@ -22,12 +21,16 @@ def test_forward_matches_formula_reference(arch, norm_scheme):
     torch.testing.assert_close(logits, reference_logits(model, idx), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('arch', ARCHS)
-def test_lns_equals_pre_with_block_l_norm_weights_times_inverse_sqrt_l(arch):
+def lns_and_pre_with_the_same_weights(arch):
     lns = randomize(GPT(tiny_config(arch, 'lns')))
     pre = GPT(tiny_config(arch, 'pre'))
     pre.load_state_dict(lns.state_dict())
-    idx = tokens(lns.config)
+    return lns, pre, tokens(lns.config)
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_lns_equals_pre_with_block_l_norm_weights_times_inverse_sqrt_l(arch):
+    lns, pre, idx = lns_and_pre_with_the_same_weights(arch)
     assert not torch.allclose(lns(idx)[0], pre(idx)[0], atol=1e-3)
     with torch.no_grad():
         for depth, block in enumerate(pre.blocks, start=1):
@@ -40,10 +43,7 @@ def test_lns_equals_pre_with_block_l_norm_weights_times_inverse_sqrt_l(arch):
 
 @pytest.mark.parametrize('arch', ARCHS)
 def test_pre_and_lns_share_block_1_and_differ_after_it(arch):
-    lns = randomize(GPT(tiny_config(arch, 'lns')))
-    pre = GPT(tiny_config(arch, 'pre'))
-    pre.load_state_dict(lns.state_dict())
-    idx = tokens(lns.config)
+    lns, pre, idx = lns_and_pre_with_the_same_weights(arch)
     _, _, lns_residuals = lns(idx, return_residuals=True)
     _, _, pre_residuals = pre(idx, return_residuals=True)
     torch.testing.assert_close(lns_residuals[1], pre_residuals[1], rtol=0, atol=0)
