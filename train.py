@@ -263,8 +263,10 @@ def save_checkpoint(out_dir, state, keep_last_n=0):
     except OSError:
         shutil.copyfile(numbered, tmp)
     os.replace(tmp, latest)
+    # the newest numbered file is ckpt.pt itself; beyond it keep keep_last_n
     numbered_files = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
-    for old in numbered_files[:len(numbered_files) - keep_last_n - 1] if keep_last_n else numbered_files:
+    keep = numbered_files[-(keep_last_n + 1):] if keep_last_n else []
+    for old in set(numbered_files) - set(keep):
         os.remove(old)
 
 
