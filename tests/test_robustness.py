@@ -180,3 +180,13 @@ def test_peak_flops_table_knows_datacenter_gpus_and_says_unknown_otherwise(monke
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
         assert train.peak_flops(torch.device('cuda')) == (name, peak)
     assert train.peak_flops(torch.device('cpu')) == ('cpu', None)
+
+
+def test_bench_reports_steady_state_speed_of_a_config(capsys):
+    import bench
+    assert bench.main(['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
+                       '--device=cpu', '--dataset=none', '--steps=2', '--warmup=1']) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['ms_per_step'] > 0 and 0 < result['mfu'] < 1 and result['peak_source'] == 'measured float32 matmul'
+    assert result['tokens_per_step'] == 32 and result['parameters'] > 0 and result['peak_memory_bytes'] > 0
+    assert bench.main(['--steps=0']) == 1 and 'positive int' in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""
+Steady-state training speed of a config: ms per step, tokens/s, MFU and peak memory, compile warm-up excluded.
+
+    python bench.py [config/file.py ...] [--key=value ...] [--steps=20] [--warmup=5]
+    python bench.py --n_layer=12 --n_embd=128 --compile=True
+
+Takes train.py's settings (batch_size, block_size, gradient_accumulation_steps, model knobs, device, dtype,
+compile) and times full optimizer steps on random tokens, so no dataset is needed (its vocabulary size is used
+when it is prepared, else GPT-2's 50,304). MFU is measured against the
+GPU's datasheet peak (train.PEAK_FLOPS) or, on a CPU, against the float32 matmul rate measured here first.
+"""
+
+import json
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import train
+from model import GPT
+
+
+def measured_matmul_flops(device, size=2048, repeats=10):
+    """The FLOP/s of a large float32 matmul on this device: a practical peak for CPUs."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def split_bench_args(argv):
+    """(steps, warmup, the rest for train.parse_config)."""
+    values, rest = {'steps': 20, 'warmup': 5}, []
+    for arg in argv:
+        key, _, raw = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
+        if key in values:
+            if not raw.isdigit() or int(raw) < 1:
+                raise train.UserError(f"--{key} expects a positive int, got {raw!r}")
+            values[key] = int(raw)
+        else:
+            rest.append(arg)
+    return values['steps'], values['warmup'], rest
+
+
+def bench(cfg, steps, warmup):
+    device = train.resolve_device(cfg.device, train.Distributed())
+    try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
+        vocab_size = train.read_meta(train.resolve_data_dir(cfg), cfg.dataset)['vocab_size']
+    except train.UserError:
+        vocab_size = 50304
+    config = train.model_config(cfg, vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = GPT(config).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    torch.set_float32_matmul_precision('high')
+    autocast = (nullcontext() if cfg.dtype == 'float32'
+                else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    train_model = torch.compile(model) if cfg.compile else model
+    batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
+               for _ in range(cfg.gradient_accumulation_steps)]
+
+    def step():
+        for batch in batches:
+            with autocast:
+                _, loss = train_model(batch[:, :-1], batch[:, 1:])
+            scaler.scale(loss / len(batches)).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # waits for the device
+
+    warmup_start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warmup_seconds = time.perf_counter() - warmup_start
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds_per_step = (time.perf_counter() - start) / steps
+
+    device_name, peak = train.peak_flops(device)
+    peak_source = 'datasheet bf16 peak'
+    if peak is None:
+        peak, peak_source = measured_matmul_flops(device), 'measured float32 matmul'
+    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    return {
+        'device': device_name, 'threads': torch.get_num_threads(), 'arch': config.arch,
+        'norm_scheme': config.norm_scheme, 'n_layer': config.n_layer, 'n_embd': config.n_embd,
+        'parameters': model.num_params(), 'tokens_per_step': tokens_per_step, 'compile': cfg.compile,
+        'dtype': cfg.dtype, 'warmup_seconds': warmup_seconds, 'ms_per_step': 1000 * seconds_per_step,
+        'tokens_per_sec': tokens_per_step / seconds_per_step,
+        'mfu': flops_per_step / seconds_per_step / peak, 'peak_flops': peak, 'peak_source': peak_source,
+        'peak_memory_bytes': memory,
+        'peak_memory_source': 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process max RSS',
+    }
+
+
+def main(argv):
+    try:
+        steps, warmup, rest = split_bench_args(argv)
+        result = bench(train.parse_config(rest), steps, warmup)
+    except train.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{result['arch']} {result['norm_scheme']}, {result['n_layer']} x {result['n_embd']}, "
+          f"{result['parameters']:,} parameters, {result['dtype']}, compile={result['compile']}, on "
+          f"{result['device']} ({result['threads']} threads): {result['ms_per_step']:.1f} ms/step, "
+          f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%} of the {result['peak_source']} "
+          f"({result['peak_flops'] / 1e12:.2f} TFLOP/s), peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MiB "
+          f"({result['peak_memory_source']}); warm-up {result['warmup_seconds']:.1f} s")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
