@@ -442,9 +442,7 @@ def train(cfg, dist):
     checkpoint = load_resume_checkpoint(cfg, config, device) if cfg.init_from == 'resume' else None
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
-    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
-    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = GPT(config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
@@ -453,6 +451,8 @@ def train(cfg, dist):
     autocast = (nullcontext() if cfg.dtype == 'float32'
                 else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
+    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
     eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
