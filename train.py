@@ -92,6 +92,7 @@ class TrainConfig:
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DTYPES = ('float32', 'bfloat16', 'float16')
+CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 
 
 class UserError(Exception):
@@ -412,9 +413,14 @@ def check_inputs(cfg, dist):
     if cfg.block_size > config.block_size:
         raise UserError(f"block_size {cfg.block_size} exceeds the model's block_size {config.block_size}")
     for split in ('train', 'val'):
-        if len(open_tokens(data_dir, split)) <= cfg.block_size:
+        tokens = open_tokens(data_dir, split)
+        if len(tokens) <= cfg.block_size:
             raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {cfg.block_size}; "
                             f"lower block_size or prepare more data")
+        largest = int(tokens[:CHECKED_TOKENS].max())  # a prefix: enough to catch data from another tokenizer
+        if largest >= config.vocab_size:
+            raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
+                            f"{config.vocab_size}; prepare the data again or raise vocab_size")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
     return data_dir, config

@@ -137,6 +137,15 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused(tmp_path, char_data, 
     assert 'has 65 token ids' in err and "vocab_size is 50" in err and not (tmp_path / 'o').exists()
 
 
+def test_token_ids_in_the_data_beyond_the_vocabulary_are_refused(tmp_path, capsys):
+    (tmp_path / 'meta.json').write_text('{"vocab_size": 10}')  # claims 10 ids, holds 200
+    for split in ('train', 'val'):
+        (tmp_path / f'{split}.bin').write_bytes(bytes(range(200)) * 4)
+    assert train.main(TINY + [f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "o"}']) == 1
+    err = capsys.readouterr().err
+    assert 'holds token id' in err and 'vocab_size 10' in err and not (tmp_path / 'o').exists()
+
+
 def test_non_finite_loss_stops_with_the_iteration_and_saves_nothing(tmp_path, char_data, capsys):
     out_dir = tmp_path / 'o'
     code = train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={out_dir}', '--learning_rate=1e30',
