@@ -15,7 +15,9 @@ Block numbers l are 1-based everywhere in this file, as in the paper's formulas.
 """
 
 import inspect
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -43,6 +45,7 @@ class GPTConfig:
     block_size: int = 1024               # longest sequence the model accepts
     vocab_size: int = 50304              # GPT-2's 50257 tokens padded to a multiple of 64
     bias: Optional[bool] = None          # biases in Linear and LayerNorm; None: True (gpt), False (llama)
+    qkv_bias: Optional[bool] = None      # biases on the query/key/value projection; None: as bias (Qwen2: True alone)
     dropout: float = 0.0
     norm_eps: Optional[float] = None     # None: 1e-5 (gpt LayerNorm), 1e-6 (llama RMSNorm)
     rope_theta: float = 10000.0          # llama only
@@ -79,6 +82,8 @@ class GPTConfig:
             self.ffn_hidden = 8 * math.ceil(8 * self.n_embd / 3 / 8) if llama else 4 * self.n_embd
         if self.bias is None:
             self.bias = not llama
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.norm_eps is None:
             self.norm_eps = 1e-6 if llama else 1e-5
         if self.tie_embeddings is None:
@@ -177,7 +182,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         # query, key and value projections fused into one matmul: n_head + 2*n_kv_head heads of head_dim
         self.qkv_sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.qkv = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, rope):
@@ -404,3 +409,126 @@ def read_checkpoint(path, map_location='cpu'):
     if not isinstance(checkpoint, dict) or not {'model', 'model_config'} <= set(checkpoint):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights and model_config)")
     return checkpoint
+
+
+HF_MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
+
+
+def _hf_config(hf):
+    """The GPTConfig (Pre-LN, no dropout) of a Hugging Face config.json dict; ValueError for a setting we do not
+    reproduce."""
+    model_type = hf.get('model_type')
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; from_hf reads {', '.join(HF_MODEL_TYPES)}")
+    if model_type == 'gpt2':
+        # (setting, value, the values we reproduce); reorder_and_upcast_attn only changes precision, so it is allowed
+        checks = [('activation_function', hf.get('activation_function', 'gelu_new'), ('gelu_new', 'gelu_pytorch_tanh')),
+                  ('scale_attn_weights', hf.get('scale_attn_weights', True), (True,)),
+                  ('scale_attn_by_inverse_layer_idx', hf.get('scale_attn_by_inverse_layer_idx', False), (False,)),
+                  ('add_cross_attention', hf.get('add_cross_attention', False), (False,))]
+    else:
+        # transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling (None for plain RoPE)
+        rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+        head_dim = hf['hidden_size'] // hf['num_attention_heads']
+        checks = [('hidden_act', hf.get('hidden_act', 'silu'), ('silu',)),
+                  ('rope type', rope.get('rope_type', rope.get('type', 'default')), ('default',)),
+                  ('head_dim', hf.get('head_dim') or head_dim, (head_dim,)),
+                  ('attention_bias', hf.get('attention_bias', False), (False,)),
+                  ('mlp_bias', hf.get('mlp_bias', False), (False,))]
+    for setting, value, supported in checks:
+        if value not in supported:
+            raise ValueError(f"{model_type} checkpoints with {setting}={value!r} are not supported; "
+                             f"from_hf reproduces {setting}={' or '.join(map(repr, supported))}")
+    if model_type == 'gpt2':
+        return GPTConfig(arch='gpt', n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
+                         ffn_hidden=hf.get('n_inner'), block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
+                         bias=True, norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+                         tie_embeddings=hf.get('tie_word_embeddings', True))
+    # Mistral (and Qwen2 with use_sliding_window) attend to the last sliding_window tokens only; up to that length
+    # this equals full causal attention, so block_size stops there and longer inputs are refused, not approximated
+    block_size = hf['max_position_embeddings']
+    if (model_type == 'mistral' or hf.get('use_sliding_window')) and hf.get('sliding_window'):
+        block_size = min(block_size, hf['sliding_window'])
+    return GPTConfig(arch='llama', n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
+                     n_kv_head=hf.get('num_key_value_heads'), n_embd=hf['hidden_size'],
+                     ffn_hidden=hf['intermediate_size'], block_size=block_size, vocab_size=hf['vocab_size'],
+                     bias=False, qkv_bias=model_type == 'qwen2', norm_eps=hf.get('rms_norm_eps', 1e-6),
+                     rope_theta=hf.get('rope_theta') or rope.get('rope_theta', 10000.0),
+                     tie_embeddings=hf.get('tie_word_embeddings', False))
+
+
+def _hf_state_dict(model_type, tensors, config):
+    """Our state dict from Hugging Face tensors: renamed, GPT-2's Conv1D matrices transposed, and Llama's separate
+    projections concatenated into our fused ones; ValueError naming the first missing or unexpected weight."""
+    # a ...LMHeadModel / ...ForCausalLM nests the body under 'transformer.' / 'model.'; a bare body model does not
+    tensors = {name.removeprefix('transformer.').removeprefix('model.'): t for name, t in tensors.items()}
+
+    def take(name):
+        if name not in tensors:
+            raise ValueError(f"the {model_type} checkpoint has no weight {name!r}; is it complete and of this model?")
+        return tensors.pop(name)
+
+    state = {}
+    if model_type == 'gpt2':
+        state['tok_emb.weight'], state['pos_emb.weight'] = take('wte.weight'), take('wpe.weight')
+        state['final_norm.weight'], state['final_norm.bias'] = take('ln_f.weight'), take('ln_f.bias')
+        names = [('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2'), ('attn.qkv', 'attn.c_attn'), ('attn.proj', 'attn.c_proj'),
+                 ('mlp.fc', 'mlp.c_fc'), ('mlp.proj', 'mlp.c_proj')]
+        for i in range(config.n_layer):
+            for ours, theirs in names:
+                weight = take(f'h.{i}.{theirs}.weight')
+                # Conv1D stores its matrix as (in, out), nn.Linear as (out, in); c_attn's columns are [q | k | v]
+                state[f'blocks.{i}.{ours}.weight'] = weight if ours.endswith('norm') else weight.t()
+                state[f'blocks.{i}.{ours}.bias'] = take(f'h.{i}.{theirs}.bias')
+            for buffer in ('attn.bias', 'attn.masked_bias'):  # causal-mask buffers that older checkpoints carry
+                tensors.pop(f'h.{i}.{buffer}', None)
+    else:
+        state['tok_emb.weight'], state['final_norm.weight'] = take('embed_tokens.weight'), take('norm.weight')
+        for i in range(config.n_layer):
+            ours, theirs = f'blocks.{i}.', f'layers.{i}.'
+            state[ours + 'attn_norm.weight'] = take(theirs + 'input_layernorm.weight')
+            state[ours + 'mlp_norm.weight'] = take(theirs + 'post_attention_layernorm.weight')
+            # our fused projections stack the rows: qkv = [q; k; v] (see Attention), fc = [gate; up] (see MLP)
+            state[ours + 'attn.qkv.weight'] = torch.cat([take(f'{theirs}self_attn.{p}_proj.weight') for p in 'qkv'])
+            if config.qkv_bias:
+                state[ours + 'attn.qkv.bias'] = torch.cat([take(f'{theirs}self_attn.{p}_proj.bias') for p in 'qkv'])
+            state[ours + 'attn.proj.weight'] = take(theirs + 'self_attn.o_proj.weight')
+            state[ours + 'mlp.fc.weight'] = torch.cat([take(f'{theirs}mlp.{p}_proj.weight') for p in ('gate', 'up')])
+            state[ours + 'mlp.proj.weight'] = take(theirs + 'mlp.down_proj.weight')
+            tensors.pop(theirs + 'self_attn.rotary_emb.inv_freq', None)  # a buffer older checkpoints carry
+    # a tied head is the token embedding, whether or not the checkpoint also saved it
+    state['lm_head.weight'] = state['tok_emb.weight'] if config.tie_embeddings else take('lm_head.weight')
+    tensors.pop('lm_head.weight', None)
+    if tensors:
+        raise ValueError(f"the {model_type} checkpoint has an unexpected weight {sorted(tensors)[0]!r}, "
+                         f"which the {config.n_layer}-layer model its config.json describes does not use")
+    return state
+
+
+def from_hf(folder, device='cpu', dtype=torch.float32):
+    """Our GPT (Pre-LN) with the weights of a Hugging Face gpt2, llama, mistral or qwen2 model folder: config.json
+    and model.safetensors, or shards listed in model.safetensors.index.json. Reads safetensors, not transformers."""
+    from safetensors.torch import load_file
+    config_path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(config_path):
+        raise ValueError(f"no config.json in {folder}; from_hf expects a Hugging Face model folder "
+                         f"(config.json and model.safetensors)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    config = _hf_config(hf)
+    index_path = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
+        files = ['model.safetensors']
+    else:
+        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}; from_hf reads safetensors "
+                         f"only, so convert a pytorch_model.bin checkpoint to safetensors first")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(os.path.join(folder, file)))
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(_hf_state_dict(hf['model_type'], tensors, config), strict=True)
+    return model.to(dtype=dtype)

@@ -59,6 +59,7 @@ class TrainConfig:
     ffn_hidden: Optional[int] = None
     vocab_size: Optional[int] = None
     bias: Optional[bool] = None
+    qkv_bias: Optional[bool] = None
     dropout: float = 0.0
     norm_eps: Optional[float] = None
     rope_theta: float = 10000.0
@@ -423,7 +424,7 @@ def check_inputs(cfg, dist):
                             f"{config.vocab_size}; prepare the data again or raise vocab_size")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
-    return data_dir, config
+    return data_dir, meta, config
 
 
 def load_resume_checkpoint(cfg, config, device):
@@ -434,16 +435,19 @@ def load_resume_checkpoint(cfg, config, device):
         checkpoint = read_checkpoint(ckpt_path, map_location=device)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if checkpoint['model_config'] != config.to_dict():
-        differences = [f"{k}={checkpoint['model_config'].get(k)!r} (asked: {v!r})"
-                       for k, v in config.to_dict().items() if checkpoint['model_config'].get(k) != v]
+    try:  # resolved again, so that settings added since the checkpoint take their defaults
+        saved = GPTConfig.from_dict(checkpoint['model_config']).to_dict()
+    except ValueError as error:
+        raise UserError(f"{ckpt_path} holds a model this version cannot build: {error}") from None
+    if saved != config.to_dict():
+        differences = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in config.to_dict().items() if saved.get(k) != v]
         raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
                         f"resume with the checkpoint's settings or use another out_dir")
     return checkpoint
 
 
 def train(cfg, dist):
-    data_dir, config = check_inputs(cfg, dist)
+    data_dir, meta, config = check_inputs(cfg, dist)
     device = resolve_device(cfg.device, dist)
     checkpoint = load_resume_checkpoint(cfg, config, device) if cfg.init_from == 'resume' else None
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
@@ -523,7 +527,8 @@ def train(cfg, dist):
                     save_checkpoint(cfg.out_dir, {
                         'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                         'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
-                        'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states}, cfg.keep_last_n)
+                        'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                        'rng': rng_states}, cfg.keep_last_n)
         if iter_num >= cfg.max_iters:
             break
 
