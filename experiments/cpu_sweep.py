@@ -1,0 +1,171 @@
+"""
+The paper's Table 1, Figure 3 and Figure 4 in miniature, on a laptop CPU: deep, narrow Llamas (12 and 24 blocks of
+width 64) trained on tiny Shakespeare characters with every norm_scheme, at equal tokens, over several seeds;
+then eval_layers on the Pre-LN and LNS models.
+
+    python data/shakespeare_char/prepare.py
+    python experiments/cpu_sweep.py                # about an hour on 2 cores; finished runs are skipped on rerun
+
+Writes experiments/results/cpu_sweep.json (every run's final validation loss and curve, and mean +- std per
+scheme and depth), experiments/results/layers_<depth>.json (eval_layers on seed 0, pre against lns) and the
+figures in experiments/figures/. Training runs go to experiments/runs/ (not kept in git).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMES = ('pre', 'lns', 'post', 'mix', 'deepnorm', 'peri')
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--depths', type=int, nargs='+', default=[12, 24], choices=[12, 24])
+    parser.add_argument('--schemes', nargs='+', default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--steps', type=int, default=500, help='optimizer steps per run (32 x 64 tokens each)')
+    parser.add_argument('--jobs', type=int, default=2, help='runs at a time, each with cores/jobs threads')
+    parser.add_argument('--runs', default=os.path.join(HERE, 'runs'))
+    parser.add_argument('--results', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
+    parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data', 'shakespeare_char'))
+    return parser.parse_args(argv)
+
+
+def run_dir(args, depth, scheme, seed):
+    return os.path.join(args.runs, f'deep{depth}_{scheme}_seed{seed}')
+
+
+def read_log(folder):
+    path = os.path.join(folder, 'log.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(folder, steps):
+    return os.path.exists(os.path.join(folder, 'diverged')) or any(
+        r['iter'] == steps and 'val_loss' in r for r in read_log(folder))
+
+
+def train_one(args, depth, scheme, seed, threads):
+    folder = run_dir(args, depth, scheme, seed)
+    if finished(folder, args.steps):
+        return
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(ROOT, 'config', f'shakespeare_char_deep{depth}.py')
+    command = [sys.executable, os.path.join(ROOT, 'train.py'), config,
+               f'--norm_scheme={scheme}', f'--seed={seed}', f'--out_dir={folder}', f'--data_dir={args.data_dir}',
+               f'--max_iters={args.steps}', f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
+               f'--log_interval={args.steps // 10}', '--eval_iters=20', '--device=cpu']
+    with open(os.path.join(folder, 'train.out'), 'w') as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
+    if result.returncode != 0:
+        with open(os.path.join(folder, 'train.out')) as f:
+            last = f.read().strip().splitlines()[-1]
+        if 'loss is' not in last:  # anything but a divergence is a real failure
+            raise RuntimeError(f"{' '.join(command)} failed: {last}")
+        with open(os.path.join(folder, 'diverged'), 'w') as f:
+            f.write(last + '\n')
+    print(f"done: depth {depth}, {scheme}, seed {seed}", flush=True)
+
+
+def summarize(args):
+    runs, table = [], {}
+    for depth in args.depths:
+        for scheme in args.schemes:
+            finals = []
+            for seed in args.seeds:
+                folder = run_dir(args, depth, scheme, seed)
+                log = read_log(folder)
+                evals = [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]
+                diverged = os.path.exists(os.path.join(folder, 'diverged'))
+                final = float('nan') if diverged or not evals else evals[-1][1]
+                finals.append(final)
+                runs.append({'depth': depth, 'norm_scheme': scheme, 'seed': seed, 'final_val_loss': final,
+                             'diverged': diverged, 'val_curve': evals})
+            ok = [v for v in finals if math.isfinite(v)]
+            table[f'{depth}/{scheme}'] = {
+                'depth': depth, 'norm_scheme': scheme, 'runs': len(finals), 'diverged': len(finals) - len(ok),
+                'mean': statistics.mean(ok) if ok else None, 'std': statistics.stdev(ok) if len(ok) > 1 else None}
+    return runs, table
+
+
+def markdown_table(args, table):
+    lines = ['| norm_scheme | ' + ' | '.join(f'{d} blocks' for d in args.depths) + ' |',
+             '| --- | ' + ' | '.join('---' for _ in args.depths) + ' |']
+    for scheme in args.schemes:
+        cells = []
+        for depth in args.depths:
+            row = table[f'{depth}/{scheme}']
+            cell = 'diverged' if row['mean'] is None else f"{row['mean']:.4f} ± {row['std'] or 0:.4f}"
+            if row['diverged'] and row['mean'] is not None:
+                cell += f" ({row['diverged']} of {row['runs']} diverged)"
+            cells.append(cell)
+        lines.append(f'| {scheme} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot_curves(args, runs):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(args.depths), figsize=(6 * len(args.depths), 4.5), squeeze=False)
+    for ax, depth in zip(axes[0], args.depths):
+        for scheme in args.schemes:
+            curves = [r['val_curve'] for r in runs if r['depth'] == depth and r['norm_scheme'] == scheme
+                      and not r['diverged'] and r['val_curve']]
+            if not curves:
+                continue
+            iters = [i for i, _ in curves[0]]
+            values = [[v for _, v in curve] for curve in curves if len(curve) == len(iters)]
+            mean = [statistics.mean(column) for column in zip(*values)]
+            ax.plot(iters, mean, marker='o', label=f'{scheme} ({len(values)} seeds)')
+        ax.set(title=f'{depth} blocks: validation loss (mean over seeds)', xlabel='iteration',
+               ylabel='validation loss (nats per character)', ylim=(1.3, 3.0))
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(args.figures, 'val_loss_curves.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    args = parse_args(argv)
+    if not os.path.exists(os.path.join(args.data_dir, 'val.bin')):
+        sys.exit(f"error: no prepared data in {args.data_dir}; run: python data/shakespeare_char/prepare.py")
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    jobs = [(depth, scheme, seed) for depth in sorted(args.depths, reverse=True) for seed in args.seeds
+            for scheme in args.schemes]  # the long runs first, so the pool ends together
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in [pool.submit(train_one, args, *job, threads) for job in jobs]:
+            future.result()
+
+    os.makedirs(args.results, exist_ok=True)
+    os.makedirs(args.figures, exist_ok=True)
+    runs, table = summarize(args)
+    settings = {k: v for k, v in vars(args).items() if k not in ('runs', 'results', 'figures', 'data_dir')}
+    with open(os.path.join(args.results, 'cpu_sweep.json'), 'w') as f:
+        json.dump({'settings': settings, 'summary': table, 'runs': runs}, f, indent=1)
+    print(markdown_table(args, table))
+    print(f"wrote {plot_curves(args, runs)}")
+    for depth in args.depths:
+        folders = [os.path.relpath(run_dir(args, depth, scheme, args.seeds[0])) for scheme in ('pre', 'lns')]
+        plots = os.path.join(args.figures, f'deep{depth}')
+        subprocess.run([sys.executable, os.path.join(ROOT, 'eval_layers.py'), *folders, '--data', args.data_dir,
+                        '--tokens', '16384', '--block_size', '64', '--max_distance', str(depth), '--device', 'cpu',
+                        '--json', os.path.join(args.results, f'layers_{depth}.json'), '--plot', plots], check=True)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
