@@ -3,6 +3,7 @@ Steady-state training speed of a config: ms per step, tokens/s, MFU and peak mem
 
     python bench.py [config/file.py ...] [--key=value ...] [--steps=20] [--warmup=5]
     python bench.py --n_layer=12 --n_embd=128 --compile=True
+    python bench.py --table [--json FILE]     # README's table: two configs, eager and compiled, every scheme
 
 Takes train.py's settings (batch_size, block_size, gradient_accumulation_steps, model knobs, device, dtype,
 compile) and times full optimizer steps on random tokens, so no dataset is needed (its vocabulary size is used
@@ -11,7 +12,10 @@ GPU's datasheet peak (train.PEAK_FLOPS) or, on a CPU, against the float32 matmul
 """
 
 import json
+import os
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +23,13 @@ from contextlib import nullcontext
 import torch
 
 import train
-from model import GPT
+from model import GPT, NORM_SCHEMES
+
+# the configs of README's table: the default training run, and a wider model with longer sequences
+TABLE_CONFIGS = {
+    'small: Llama 12 x 128, 16 x 64 tokens': [],
+    'medium: Llama 12 x 384, 8 x 256 tokens': ['--n_embd=384', '--n_head=6', '--block_size=256', '--batch_size=8'],
+}
 
 
 def measured_matmul_flops(device, size=2048, repeats=10):
@@ -113,8 +123,54 @@ def bench(cfg, steps, warmup):
     }
 
 
+def measure(args, steps, warmup):
+    """bench.py's JSON result for args, measured in a fresh process (so peak memory is this config's own)."""
+    command = [sys.executable, os.path.abspath(__file__), *args, f'--steps={steps}', f'--warmup={warmup}']
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(json_path=None, configs=TABLE_CONFIGS, rounds=5, steps=30, warmup=5):
+    """The benchmark table: each config eager and compiled, then every norm_scheme's step time relative to pre
+    on the first config, from `rounds` interleaved runs (medians), so that drifts of the machine cancel out."""
+    rows = []
+    for name, args in configs.items():
+        for compiled in (False, True):
+            result = measure(args + [f'--compile={compiled}'], steps=steps, warmup=warmup)
+            rows.append({'config': name, **result})
+    times = {scheme: [] for scheme in NORM_SCHEMES}
+    first_config = next(iter(configs.values()))
+    for _ in range(rounds):
+        for scheme in NORM_SCHEMES:
+            result = measure(first_config + [f'--norm_scheme={scheme}'], steps=steps, warmup=warmup)
+            times[scheme].append(result['ms_per_step'])
+    medians = {scheme: statistics.median(values) for scheme, values in times.items()}
+    overhead = {scheme: medians[scheme] / medians['pre'] - 1 for scheme in NORM_SCHEMES}
+
+    lines = ['| config | compile | ms/step | tokens/s | MFU | peak memory |', '| --- | --- | --- | --- | --- | --- |']
+    for row in rows:
+        lines.append(f"| {row['config']} | {row['compile']} | {row['ms_per_step']:.1f} | "
+                     f"{row['tokens_per_sec']:,.0f} | {row['mfu']:.1%} | {row['peak_memory_bytes'] / 2**20:,.0f} MiB |")
+    lines += ['', f'| norm_scheme | ms/step (median of {rounds}) | relative to pre |', '| --- | --- | --- |']
+    for scheme in NORM_SCHEMES:
+        lines.append(f"| {scheme} | {medians[scheme]:.1f} | {overhead[scheme]:+.1%} |")
+    first = rows[0]
+    lines += ['', f"{first['device']}, {first['threads']} threads, float32; MFU against the {first['peak_source']} "
+                  f"rate; peak memory is {first['peak_memory_source']}."]
+    text = '\n'.join(lines)
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump({'configs': rows, 'scheme_ms_per_step': times, 'scheme_overhead': overhead}, f, indent=1)
+    return text
+
+
 def main(argv):
     try:
+        if argv and argv[0] == '--table':
+            if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
+                raise train.UserError("--table takes only --json FILE")
+            print(table(argv[2] if len(argv) == 3 else None))
+            return 0
         steps, warmup, rest = split_bench_args(argv)
         result = bench(train.parse_config(rest), steps, warmup)
     except train.UserError as error:
