@@ -205,7 +205,7 @@ def analyze(model, x, y, batch_size, device, autocast, max_distance, last_k, pro
     norm_sum = torch.zeros(L + 1, dtype=torch.float64)
     update_sum = torch.zeros(L + 1, dtype=torch.float64)
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
-    for xb, yb in tqdm(batches, desc='batches', leave=False, disable=not progress):
+    for xb, yb in tqdm(batches, desc='batches', leave=False, disable=None if progress else True):
         xb, yb = xb.to(device), yb.to(device)
         weight = xb.numel() / tokens
         with autocast:

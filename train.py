@@ -376,7 +376,8 @@ def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast, d
         tokens = open_tokens(data_dir, split)
         mine = batches[dist.rank::dist.world_size]
         total = 0.0
-        for offsets in tqdm(mine, desc=f'eval {split}', leave=False, disable=not dist.master or len(mine) < 20):
+        quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
+        for offsets in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
             x, y = read_windows(tokens, offsets, block_size)
             with autocast:
                 _, loss = model(to_device(x, device), to_device(y, device))
