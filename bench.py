@@ -159,6 +159,7 @@ def table(json_path=None, configs=TABLE_CONFIGS, rounds=5, steps=30, warmup=5):
                   f"rate; peak memory is {first['peak_memory_source']}."]
     text = '\n'.join(lines)
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, 'w') as f:
             json.dump({'configs': rows, 'scheme_ms_per_step': times, 'scheme_overhead': overhead}, f, indent=1)
     return text

@@ -32,6 +32,7 @@ def parse_args(argv):
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--steps', type=int, default=500, help='optimizer steps per run (32 x 64 tokens each)')
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time, each with cores/jobs threads')
+    parser.add_argument('--no_train', action='store_true', help='only summarize and analyze the finished runs')
     parser.add_argument('--runs', default=os.path.join(HERE, 'runs'))
     parser.add_argument('--results', default=os.path.join(HERE, 'results'))
     parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
@@ -86,10 +87,11 @@ def summarize(args):
             finals = []
             for seed in args.seeds:
                 folder = run_dir(args, depth, scheme, seed)
-                log = read_log(folder)
-                evals = [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]
+                if not finished(folder, args.steps):
+                    continue  # with --no_train, runs that have not finished are left out
+                evals = [(r['iter'], r['val_loss']) for r in read_log(folder) if 'val_loss' in r]
                 diverged = os.path.exists(os.path.join(folder, 'diverged'))
-                final = float('nan') if diverged or not evals else evals[-1][1]
+                final = float('nan') if diverged else evals[-1][1]
                 finals.append(final)
                 runs.append({'depth': depth, 'norm_scheme': scheme, 'seed': seed, 'final_val_loss': final,
                              'diverged': diverged, 'val_curve': evals})
@@ -107,9 +109,15 @@ def markdown_table(args, table):
         cells = []
         for depth in args.depths:
             row = table[f'{depth}/{scheme}']
-            cell = 'diverged' if row['mean'] is None else f"{row['mean']:.4f} ± {row['std'] or 0:.4f}"
-            if row['diverged'] and row['mean'] is not None:
-                cell += f" ({row['diverged']} of {row['runs']} diverged)"
+            if row['runs'] == 0:
+                cell = 'not run'
+            elif row['mean'] is None:
+                cell = f"diverged ({row['runs']} of {row['runs']})"
+            else:
+                cell = f"{row['mean']:.4f} ± {row['std'] or 0:.4f}" + (f" (n={row['runs']})" if row['runs'] != len(
+                    args.seeds) else '')
+                if row['diverged']:
+                    cell += f", {row['diverged']} of {row['runs']} diverged"
             cells.append(cell)
         lines.append(f'| {scheme} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -147,9 +155,10 @@ def main(argv):
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     jobs = [(depth, scheme, seed) for depth in sorted(args.depths, reverse=True) for seed in args.seeds
             for scheme in args.schemes]  # the long runs first, so the pool ends together
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(train_one, args, *job, threads) for job in jobs]:
-            future.result()
+    if not args.no_train:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(train_one, args, *job, threads) for job in jobs]:
+                future.result()
 
     os.makedirs(args.results, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
