@@ -574,6 +574,8 @@ def train(cfg, dist):
                 wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
         if logging:
             step_seconds, steps_timed = 0.0, 0
+    if dist.world_size > 1:  # leave together: a process that tears down its group while rank 0 still saves can abort
+        torch.distributed.barrier()
     return best_val_loss
 
 

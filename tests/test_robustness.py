@@ -13,27 +13,11 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, read_log
 from model import read_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
-
-
-@pytest.fixture(scope='module')
-def char_data(tmp_path_factory):
-    source = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare', 'input.txt')
-    if not os.path.exists(source):
-        pytest.skip(f"no offline corpus at {source}")
-    folder = tmp_path_factory.mktemp('shakespeare_char')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'),
-                    '--input', source, '--out_dir', str(folder)], check=True, capture_output=True)
-    return str(folder)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def training_losses(out_dir):

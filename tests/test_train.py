@@ -1,6 +1,5 @@
 """train.py: configuration, schedule, learning on real data, exact resume, and one-sentence errors."""
 
-import json
 import math
 import os
 import subprocess
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, read_log
 from model import GPT, read_checkpoint
 from train import TrainConfig, UserError, get_lr, parse_config
 
@@ -18,26 +17,9 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--device=cpu']
 
 
-@pytest.fixture(scope='module')
-def char_data(tmp_path_factory):
-    """Tiny Shakespeare as characters, prepared once for this module from the offline copy."""
-    source = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare', 'input.txt')
-    if not os.path.exists(source):
-        pytest.skip(f"no offline corpus at {source}")
-    folder = tmp_path_factory.mktemp('shakespeare_char')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'),
-                    '--input', source, '--out_dir', str(folder)], check=True, capture_output=True)
-    return str(folder)
-
-
 def run(argv, capsys=None):
     code = train.main(argv)
     return code, (capsys.readouterr() if capsys else None)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------- configuration
