@@ -114,8 +114,9 @@ def markdown_table(args, table):
             elif row['mean'] is None:
                 cell = f"diverged ({row['runs']} of {row['runs']})"
             else:
-                cell = f"{row['mean']:.4f} ± {row['std'] or 0:.4f}" + (f" (n={row['runs']})" if row['runs'] != len(
-                    args.seeds) else '')
+                cell = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row['std'] is not None else '')
+                if row['runs'] != len(args.seeds):
+                    cell += f" (n={row['runs']})"
                 if row['diverged']:
                     cell += f", {row['diverged']} of {row['runs']} diverged"
             cells.append(cell)
