@@ -71,7 +71,8 @@ def bench(cfg, steps, warmup):
     model = GPT(config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    torch.set_float32_matmul_precision('high')
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
     autocast = (nullcontext() if cfg.dtype == 'float32'
                 else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')

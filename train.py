@@ -458,7 +458,8 @@ def train(cfg, dist):
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    torch.set_float32_matmul_precision('high')  # TF32 matmuls on GPUs that have them
+    if device.type == 'cuda':  # TF32 matmuls on GPUs that have them; CPU float32 stays exact
+        torch.set_float32_matmul_precision('high')
     autocast = (nullcontext() if cfg.dtype == 'float32'
                 else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
