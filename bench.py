@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -71,11 +70,7 @@ def bench(cfg, steps, warmup):
     model = GPT(config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    if device.type == 'cuda':
-        torch.set_float32_matmul_precision('high')
-    autocast = (nullcontext() if cfg.dtype == 'float32'
-                else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    autocast, scaler = train.mixed_precision(cfg.dtype, device)
     train_model = torch.compile(model) if cfg.compile else model
     batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
                for _ in range(cfg.gradient_accumulation_steps)]

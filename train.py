@@ -360,6 +360,14 @@ def peak_flops(device):
     return name, next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
+def mixed_precision(dtype, device):
+    """(autocast context, grad scaler) for dtype; also allows TF32 matmuls on GPUs (CPU float32 stays exact)."""
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+
+
 def append_log(path, record):
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -458,11 +466,7 @@ def train(cfg, dist):
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    if device.type == 'cuda':  # TF32 matmuls on GPUs that have them; CPU float32 stays exact
-        torch.set_float32_matmul_precision('high')
-    autocast = (nullcontext() if cfg.dtype == 'float32'
-                else torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    autocast, scaler = mixed_precision(cfg.dtype, device)
     # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
     # see the same windows, and N processes see exactly what one process with N times the micro-steps would
     sampler = torch.Generator().manual_seed(cfg.seed)
