@@ -70,8 +70,8 @@ def char_encode(chars, name):
 
 def load_our_checkpoint(path, name, device):
     try:
-        checkpoint = read_checkpoint(path, map_location=device)
-        model = GPT.from_checkpoint(checkpoint)
+        checkpoint = read_checkpoint(path)
+        model = GPT.from_checkpoint(checkpoint).to(device)
     except ValueError as error:
         raise UserError(str(error)) from None
     meta = checkpoint.get('data_meta') or {}
@@ -88,7 +88,7 @@ def load_our_checkpoint(path, name, device):
 
 
 def load_hf_folder(folder, name, device):
-    from model import from_hf
+    from hf import from_hf
     try:
         model = from_hf(folder, device=device)
     except ValueError as error:

@@ -15,9 +15,7 @@ Block numbers l are 1-based everywhere in this file, as in the paper's formulas.
 """
 
 import inspect
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -329,11 +327,12 @@ class GPT(nn.Module):
         seq_len = seq_len or self.config.block_size
         return 6 * self.num_params(exclude_embeddings=True) + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def forward(self, idx, targets=None, skip_layers=(), return_residuals=False):
+    def forward(self, idx, targets=None, skip_layers=(), return_residuals=False, return_logits=True):
         """idx: (batch, seq) token ids. targets: same shape, -1 where no loss is wanted.
         skip_layers: block numbers (1-based) to replace by the identity; the other blocks keep their own 1/sqrt(l).
         Returns (logits, loss), plus with return_residuals a list of L+1 tensors: the residual stream entering
-        block 1 (the embeddings), then after each block l (before the final norm)."""
+        block 1 (the embeddings), then after each block l (before the final norm). return_logits=False gives None
+        for the logits, so that training does not keep them (batch x seq x vocab) alive through the backward."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -361,13 +360,16 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if not return_logits:
+            logits = None
         return (logits, loss, residuals) if return_residuals else (logits, loss)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Appends max_new_tokens sampled tokens to idx (batch, seq); temperature 0 picks the most likely token."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, skip_layers=()):
+        """Appends max_new_tokens sampled tokens to idx (batch, seq); temperature 0 picks the most likely token.
+        skip_layers: block numbers (1-based) replaced by the identity, as in forward."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits, _ = self(idx[:, -self.config.block_size:], skip_layers=skip_layers)
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -398,10 +400,11 @@ class GPT(nn.Module):
         return model
 
 
-def read_checkpoint(path, map_location='cpu'):
-    """Loads a checkpoint written by train.py (tensors and plain types only); ValueError in one sentence otherwise."""
+def read_checkpoint(path):
+    """Loads a checkpoint written by train.py (tensors and plain types only) into CPU memory; ValueError in one
+    sentence otherwise. Move the model, not the checkpoint, to a GPU: RNG states must stay on the CPU."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}; train one first or check the path") from None
     except Exception as error:
@@ -409,126 +412,3 @@ def read_checkpoint(path, map_location='cpu'):
     if not isinstance(checkpoint, dict) or not {'model', 'model_config'} <= set(checkpoint):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights and model_config)")
     return checkpoint
-
-
-HF_MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
-
-
-def _hf_config(hf):
-    """The GPTConfig (Pre-LN, no dropout) of a Hugging Face config.json dict; ValueError for a setting we do not
-    reproduce."""
-    model_type = hf.get('model_type')
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; from_hf reads {', '.join(HF_MODEL_TYPES)}")
-    if model_type == 'gpt2':
-        # (setting, value, the values we reproduce); reorder_and_upcast_attn only changes precision, so it is allowed
-        checks = [('activation_function', hf.get('activation_function', 'gelu_new'), ('gelu_new', 'gelu_pytorch_tanh')),
-                  ('scale_attn_weights', hf.get('scale_attn_weights', True), (True,)),
-                  ('scale_attn_by_inverse_layer_idx', hf.get('scale_attn_by_inverse_layer_idx', False), (False,)),
-                  ('add_cross_attention', hf.get('add_cross_attention', False), (False,))]
-    else:
-        # transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling (None for plain RoPE)
-        rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
-        head_dim = hf['hidden_size'] // hf['num_attention_heads']
-        checks = [('hidden_act', hf.get('hidden_act', 'silu'), ('silu',)),
-                  ('rope type', rope.get('rope_type', rope.get('type', 'default')), ('default',)),
-                  ('head_dim', hf.get('head_dim') or head_dim, (head_dim,)),
-                  ('attention_bias', hf.get('attention_bias', False), (False,)),
-                  ('mlp_bias', hf.get('mlp_bias', False), (False,))]
-    for setting, value, supported in checks:
-        if value not in supported:
-            raise ValueError(f"{model_type} checkpoints with {setting}={value!r} are not supported; "
-                             f"from_hf reproduces {setting}={' or '.join(map(repr, supported))}")
-    if model_type == 'gpt2':
-        return GPTConfig(arch='gpt', n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
-                         ffn_hidden=hf.get('n_inner'), block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
-                         bias=True, norm_eps=hf.get('layer_norm_epsilon', 1e-5),
-                         tie_embeddings=hf.get('tie_word_embeddings', True))
-    # Mistral (and Qwen2 with use_sliding_window) attend to the last sliding_window tokens only; up to that length
-    # this equals full causal attention, so block_size stops there and longer inputs are refused, not approximated
-    block_size = hf['max_position_embeddings']
-    if (model_type == 'mistral' or hf.get('use_sliding_window')) and hf.get('sliding_window'):
-        block_size = min(block_size, hf['sliding_window'])
-    return GPTConfig(arch='llama', n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
-                     n_kv_head=hf.get('num_key_value_heads'), n_embd=hf['hidden_size'],
-                     ffn_hidden=hf['intermediate_size'], block_size=block_size, vocab_size=hf['vocab_size'],
-                     bias=False, qkv_bias=model_type == 'qwen2', norm_eps=hf.get('rms_norm_eps', 1e-6),
-                     rope_theta=hf.get('rope_theta') or rope.get('rope_theta', 10000.0),
-                     tie_embeddings=hf.get('tie_word_embeddings', False))
-
-
-def _hf_state_dict(model_type, tensors, config):
-    """Our state dict from Hugging Face tensors: renamed, GPT-2's Conv1D matrices transposed, and Llama's separate
-    projections concatenated into our fused ones; ValueError naming the first missing or unexpected weight."""
-    # a ...LMHeadModel / ...ForCausalLM nests the body under 'transformer.' / 'model.'; a bare body model does not
-    tensors = {name.removeprefix('transformer.').removeprefix('model.'): t for name, t in tensors.items()}
-
-    def take(name):
-        if name not in tensors:
-            raise ValueError(f"the {model_type} checkpoint has no weight {name!r}; is it complete and of this model?")
-        return tensors.pop(name)
-
-    state = {}
-    if model_type == 'gpt2':
-        state['tok_emb.weight'], state['pos_emb.weight'] = take('wte.weight'), take('wpe.weight')
-        state['final_norm.weight'], state['final_norm.bias'] = take('ln_f.weight'), take('ln_f.bias')
-        names = [('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2'), ('attn.qkv', 'attn.c_attn'), ('attn.proj', 'attn.c_proj'),
-                 ('mlp.fc', 'mlp.c_fc'), ('mlp.proj', 'mlp.c_proj')]
-        for i in range(config.n_layer):
-            for ours, theirs in names:
-                weight = take(f'h.{i}.{theirs}.weight')
-                # Conv1D stores its matrix as (in, out), nn.Linear as (out, in); c_attn's columns are [q | k | v]
-                state[f'blocks.{i}.{ours}.weight'] = weight if ours.endswith('norm') else weight.t()
-                state[f'blocks.{i}.{ours}.bias'] = take(f'h.{i}.{theirs}.bias')
-            for buffer in ('attn.bias', 'attn.masked_bias'):  # causal-mask buffers that older checkpoints carry
-                tensors.pop(f'h.{i}.{buffer}', None)
-    else:
-        state['tok_emb.weight'], state['final_norm.weight'] = take('embed_tokens.weight'), take('norm.weight')
-        for i in range(config.n_layer):
-            ours, theirs = f'blocks.{i}.', f'layers.{i}.'
-            state[ours + 'attn_norm.weight'] = take(theirs + 'input_layernorm.weight')
-            state[ours + 'mlp_norm.weight'] = take(theirs + 'post_attention_layernorm.weight')
-            # our fused projections stack the rows: qkv = [q; k; v] (see Attention), fc = [gate; up] (see MLP)
-            state[ours + 'attn.qkv.weight'] = torch.cat([take(f'{theirs}self_attn.{p}_proj.weight') for p in 'qkv'])
-            if config.qkv_bias:
-                state[ours + 'attn.qkv.bias'] = torch.cat([take(f'{theirs}self_attn.{p}_proj.bias') for p in 'qkv'])
-            state[ours + 'attn.proj.weight'] = take(theirs + 'self_attn.o_proj.weight')
-            state[ours + 'mlp.fc.weight'] = torch.cat([take(f'{theirs}mlp.{p}_proj.weight') for p in ('gate', 'up')])
-            state[ours + 'mlp.proj.weight'] = take(theirs + 'mlp.down_proj.weight')
-            tensors.pop(theirs + 'self_attn.rotary_emb.inv_freq', None)  # a buffer older checkpoints carry
-    # a tied head is the token embedding, whether or not the checkpoint also saved it
-    state['lm_head.weight'] = state['tok_emb.weight'] if config.tie_embeddings else take('lm_head.weight')
-    tensors.pop('lm_head.weight', None)
-    if tensors:
-        raise ValueError(f"the {model_type} checkpoint has an unexpected weight {sorted(tensors)[0]!r}, "
-                         f"which the {config.n_layer}-layer model its config.json describes does not use")
-    return state
-
-
-def from_hf(folder, device='cpu', dtype=torch.float32):
-    """Our GPT (Pre-LN) with the weights of a Hugging Face gpt2, llama, mistral or qwen2 model folder: config.json
-    and model.safetensors, or shards listed in model.safetensors.index.json. Reads safetensors, not transformers."""
-    from safetensors.torch import load_file
-    config_path = os.path.join(folder, 'config.json')
-    if not os.path.isfile(config_path):
-        raise ValueError(f"no config.json in {folder}; from_hf expects a Hugging Face model folder "
-                         f"(config.json and model.safetensors)")
-    with open(config_path) as f:
-        hf = json.load(f)
-    config = _hf_config(hf)
-    index_path = os.path.join(folder, 'model.safetensors.index.json')
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            files = sorted(set(json.load(f)['weight_map'].values()))
-    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
-        files = ['model.safetensors']
-    else:
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}; from_hf reads safetensors "
-                         f"only, so convert a pytorch_model.bin checkpoint to safetensors first")
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(os.path.join(folder, file)))
-    with torch.device(device):
-        model = GPT(config)
-    model.load_state_dict(_hf_state_dict(hf['model_type'], tensors, config), strict=True)
-    return model.to(dtype=dtype)

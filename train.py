@@ -10,12 +10,14 @@ model.GPTConfig's fields.
 """
 
 import ast
+import datetime
 import glob
 import json
 import math
 import os
 import shutil
 import sys
+import threading
 import time
 import types
 from contextlib import nullcontext
@@ -34,10 +36,12 @@ from model import GPT, GPTConfig, read_checkpoint
 class TrainConfig:
     # output and logging
     out_dir: str = 'out'                   # ckpt.pt and log.jsonl go here
-    eval_interval: int = 250               # evaluate (and checkpoint) every this many iterations, and at the end
+    eval_interval: int = 250               # evaluate every this many iterations, and at the end
     eval_iters: int = 20                   # batches per split in each evaluation; the same batches every time
     log_interval: int = 25                 # print and log the training loss every this many iterations
-    always_save_checkpoint: bool = True    # False: save only when the validation loss improves
+    checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
+                                           # at the end; written in the background, training waits only for a copy
+    always_save_checkpoint: bool = True    # False: save only at evaluations where the validation loss improves
     init_from: str = 'scratch'             # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     wandb_log: bool = False
     wandb_project: str = 'curse-of-depth'
@@ -88,6 +92,7 @@ class TrainConfig:
     compile: bool = False                  # torch.compile the model
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
+    ddp_timeout_minutes: int = 30          # a process waiting this long in a collective fails the job
     seed: int = 1337
 
 
@@ -172,9 +177,9 @@ def parse_config(argv):
         raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
-    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size',
-                'gradient_accumulation_steps', 'max_iters'):
-        if getattr(cfg, key) < 1:
+    for key in ('eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
+                'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes'):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, not {getattr(cfg, key)}")
     return cfg
 
@@ -226,9 +231,15 @@ def open_tokens(data_dir, split):
 
 def read_windows(tokens, offsets, block_size):
     """Inputs and next-token targets, (len(offsets), block_size) int64 each, starting at the given offsets."""
-    windows = np.stack([tokens[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
+    windows = np.stack([tokens[i:i + block_size + 1] for i in offsets.numpy()]).astype(np.int64)
     windows = torch.from_numpy(windows)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def read_batch(tokens, offsets, block_size, device):
+    """read_windows, copied to the device (pinned, without waiting, on a GPU)."""
+    x, y = read_windows(tokens, offsets, block_size)
+    return to_device(x, device), to_device(y, device)
 
 
 def random_offsets(tokens, count, block_size, generator):
@@ -305,28 +316,33 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    ddp: bool = False  # launched by torchrun: the model is wrapped in DDP, even with one process
 
     @property
     def master(self):
         return self.rank == 0
 
 
-def setup_distributed():
-    """Joins the process group when launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE are set)."""
+def setup_distributed(cfg):
+    """(Distributed, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) joins the process group: NCCL when
+    the resolved device is a GPU, gloo otherwise (so --device=cpu works under torchrun on a GPU node)."""
     if 'RANK' not in os.environ:
-        return Distributed()
-    dist = Distributed(int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE']))
-    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-    if backend == 'nccl':
-        torch.cuda.set_device(dist.local_rank)
-    torch.distributed.init_process_group(backend=backend)
-    return dist
+        return Distributed(), resolve_device(cfg.device, Distributed())
+    dist = Distributed(int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE']), True)
+    device = resolve_device(cfg.device, dist)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    # an explicit timeout: how long a process waits in a collective (for a slow rank, a long evaluation) before
+    # the job fails, instead of NCCL's default of 10 minutes
+    torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
+                                         timeout=datetime.timedelta(minutes=cfg.ddp_timeout_minutes))
+    return dist, device
 
 
 def resolve_device(name, dist):
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda' and dist.world_size > 1:
+    if name == 'cuda' and dist.ddp:
         name = f'cuda:{dist.local_rank}'
     try:
         device = torch.device(name)
@@ -337,27 +353,42 @@ def resolve_device(name, dist):
     return device
 
 
-def all_reduce_sum(values, dist, device):
-    """The sums over all processes of a list of floats (the list itself in a single process)."""
-    if dist.world_size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+def synchronize(device):
+    """Waits for the GPU's queued work; only where the loop waits anyway (logging, evaluating, saving)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
-# dense bf16 tensor-core peak of one GPU, FLOP/s, from the vendors' datasheets; matched against the device name
-# in this order (so that 'A100' is tried before 'A10', 'L40S' before 'L4')
-PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),
-              ('A100', 312e12), ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12), ('V100', 125e12)]
+def all_reduce(tensor, dist, op=None):
+    """The tensor reduced over all processes (sum by default), in place; the tensor itself in a single process."""
+    if dist.ddp:
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+    return tensor
 
 
-def peak_flops(device):
-    """(name, peak FLOP/s) of the device, with peak None where unknown (every CPU, unlisted GPUs)."""
+# dense tensor-core peaks of one GPU in FLOP/s, from the vendors' datasheets: (the words of the device name, the
+# 16-bit peak (bf16, or fp16 where the GPU has no bf16), the TF32 peak). A key matches when all its words are whole
+# words of the name, so 'L4' does not match 'NVIDIA L40S'; longer keys are tried first.
+PEAK_FLOPS = [(('H200', 'NVL'), 835e12, 418e12), (('H200',), 989e12, 495e12),
+              (('H100', 'PCIe'), 756e12, 378e12), (('H100', 'NVL'), 835e12, 418e12), (('H100',), 989e12, 495e12),
+              (('A100',), 312e12, 156e12), (('L40S',), 362e12, 183e12), (('L40',), 181e12, 90e12),
+              (('L4',), 121e12, 60e12), (('A10',), 125e12, 62e12), (('V100',), 125e12, None)]
+NO_BF16 = ('V100',)  # Volta has fp16 tensor cores only: bf16 runs without them
+
+
+def peak_flops(device, dtype='bfloat16'):
+    """(name, peak FLOP/s for dtype's matmuls) of the device, with peak None where unknown (every CPU, unlisted
+    GPUs, bf16 on a V100, float32 on GPUs without TF32)."""
     if device.type != 'cuda':
         return 'cpu', None
     name = torch.cuda.get_device_name(device)
-    return name, next((peak for key, peak in PEAK_FLOPS if key in name), None)
+    words = set(name.replace('-', ' ').split())
+    for key, half, tf32 in PEAK_FLOPS:
+        if set(key) <= words:
+            if dtype == 'float32':
+                return name, tf32
+            return name, None if 'bfloat16' in dtype and key[0] in NO_BF16 else half
+    return name, None
 
 
 def mixed_precision(dtype, device):
@@ -368,12 +399,226 @@ def mixed_precision(dtype, device):
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
 
 
+_log_lock = threading.Lock()  # the checkpoint writer's thread logs too
+
+
 def append_log(path, record):
-    with open(path, 'a') as f:
+    with _log_lock, open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
 # ----------------------------------------------------------------------------- training
+
+def train(cfg, dist, device):
+    data_dir, meta, config = check_inputs(cfg, dist)
+    checkpoint = load_resume_checkpoint(cfg, config) if cfg.init_from == 'resume' else None
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = GPT(config).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
+    autocast, scaler = mixed_precision(cfg.dtype, device)
+    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
+    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
+    eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
+                                           eval_generator) for _ in range(cfg.eval_iters)]
+                    for split in ('train', 'val')}
+
+    iter_num, best_val_loss = 0, float('inf')
+    if checkpoint is not None:
+        iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist)
+        if dist.master:
+            truncate_log(log_path, iter_num)
+            print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
+        checkpoint = None  # free its memory
+    resumed_at = iter_num if iter_num > 0 else None  # that iteration was evaluated and saved before the stop
+    if dist.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print_startup(cfg, config, model, device, dist)
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist.ddp:
+        # gradients live in DDP's communication buckets (no second copy); 100 MB buckets: a few dozen all-reduces
+        # per step for 350M-1B models instead of DDP's default 25 MB's hundreds
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
+                          gradient_as_bucket_view=True, bucket_cap_mb=100)
+    if cfg.wandb_log and dist.master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
+    health = TrainingHealth(device)
+    stopwatch = Stopwatch(device)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
+    _, peak = peak_flops(device, cfg.dtype)
+    try:
+        while True:
+            last = iter_num >= cfg.max_iters
+            if (iter_num % cfg.eval_interval == 0 or last) and iter_num != resumed_at:
+                stopwatch.pause()
+                health.check(iter_num, dist, log_path)
+                losses = estimate_loss(model, data_dir, eval_offsets, cfg.block_size, device, autocast, dist)
+                if not math.isfinite(losses['val']):
+                    if dist.master:
+                        append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
+                    raise Diverged(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without "
+                                   f"saving (lower learning_rate or set grad_clip)")
+                improved = losses['val'] < best_val_loss
+                best_val_loss = min(best_val_loss, losses['val'])
+                if dist.master:
+                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    append_log(log_path, {'iter': iter_num, 'train_loss': losses['train'],
+                                          'val_loss': losses['val']})
+                    if cfg.wandb_log:
+                        wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+                if not cfg.always_save_checkpoint and improved and iter_num > 0:
+                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+            if (cfg.always_save_checkpoint and (iter_num % (cfg.checkpoint_interval or cfg.eval_interval) == 0 or last)
+                    and iter_num > 0 and iter_num != resumed_at):
+                stopwatch.pause()
+                health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
+                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+            if last:
+                break
+
+            stopwatch.resume()
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            logging = (iter_num + 1) % cfg.log_interval == 0
+            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, sampler, data_dir,
+                                         device, cfg, dist, need_grad_norm=logging)
+            health.record(loss, iter_num)
+            iter_num += 1
+            stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
+
+            if logging:
+                seconds_per_iter = stopwatch.read()
+                loss_value = health.check(iter_num - 1, dist, log_path) / dist.world_size
+                if dist.master:
+                    record = {'iter': iter_num, 'loss': loss_value, 'lr': lr, 'grad_norm': grad_norm.item(),
+                              'ms_per_iter': None, 'tokens_per_sec': None, 'mfu': None}
+                    if seconds_per_iter is not None:  # None: only the first step (compilation) since the start
+                        record.update(ms_per_iter=1000 * seconds_per_iter,
+                                      tokens_per_sec=tokens_per_iter / seconds_per_iter,
+                                      mfu=flops_per_iter / seconds_per_iter / (peak * dist.world_size) if peak else None)
+                    print(format_log_line(record))
+                    append_log(log_path, record)
+                    if cfg.wandb_log:
+                        wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
+    finally:
+        if writer is not None:
+            writer.close()  # a save in flight is finished, never abandoned
+    if dist.ddp:  # leave together: a process that tears down its group while rank 0 still saves can abort
+        torch.distributed.barrier()
+    return best_val_loss
+
+
+def train_step(train_model, model, optimizer, scaler, autocast, sampler, data_dir, device, cfg, dist,
+               need_grad_norm):
+    """One optimizer step over this process's share of the global batch. Returns the mean loss of its micro-steps
+    and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the device: nothing here
+    waits for the GPU, so the host reads the next batch while the device still computes."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    tokens = open_tokens(data_dir, 'train')
+    offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    mine = offsets.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
+    batches = (read_batch(tokens, batch, cfg.block_size, device) for batch in mine)
+    x, y = next(batches)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(micro_steps):
+        if dist.ddp:  # average gradients across processes only after the last micro-step
+            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast:
+            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
+        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
+        scaler.scale(loss / micro_steps).backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0 or need_grad_norm:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / micro_steps, grad_norm
+
+
+class Diverged(UserError):
+    """A non-finite loss: the run stops without saving, and the exit status says so (3)."""
+
+
+class TrainingHealth:
+    """The training loss kept on the device: the latest step's, and the first iteration whose loss was not finite.
+    check() reads them (one wait for the device) and is called only when logging, evaluating or saving."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.no_iteration = torch.full((), 2 ** 62, dtype=torch.long, device=device)
+
+    def record(self, loss, iter_num):
+        self.loss = loss
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, iter_num), self.first_bad)
+
+    def check(self, iter_num, dist, log_path):
+        """The latest loss summed over processes; Diverged naming the first non-finite iteration of any process."""
+        first_bad = all_reduce(torch.where(self.first_bad < 0, self.no_iteration, self.first_bad).clone(), dist,
+                               torch.distributed.ReduceOp.MIN if dist.ddp else None).item()
+        loss = all_reduce(self.loss.detach().float().clone(), dist).item()
+        if first_bad != self.no_iteration.item():
+            if dist.master:
+                append_log(log_path, {'iter': first_bad, 'diverged': 'train'})
+            raise Diverged(f"training loss is not finite at iteration {first_bad}; stopped at iteration {iter_num} "
+                           f"without saving (lower learning_rate or set grad_clip)")
+        return loss
+
+
+class Stopwatch:
+    """Training time per iteration between log lines, with evaluations and saves left out, and the first step
+    after a start or resume (compilation) too. Waits for the device only where the loop waits anyway."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds, self.steps, self.started = 0.0, 0, None
+
+    def resume(self):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def pause(self):
+        if self.started is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    def step_done(self, first_of_process):
+        if first_of_process:  # compilation and warm-up: start timing from here
+            synchronize(self.device)
+            self.seconds, self.steps, self.started = 0.0, 0, time.perf_counter()
+        else:
+            self.steps += 1
+
+    def read(self):
+        """Seconds per iteration since the last read (None when no step was timed), and starts a new window."""
+        self.pause()
+        per_iter = self.seconds / self.steps if self.steps else None
+        self.seconds, self.steps = 0.0, 0
+        self.resume()
+        return per_iter
+
+
+def format_log_line(record):
+    speed = 'timing starts after the first step' if record['ms_per_iter'] is None else (
+        f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU "
+        + (f"{record['mfu']:.1%}" if record['mfu'] is not None else 'unknown'))
+    return (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+            f"grad norm {record['grad_norm']:.3f}, {speed}")
+
 
 @torch.no_grad()
 def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast, dist):
@@ -383,24 +628,101 @@ def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast, d
     for split, batches in eval_offsets.items():
         tokens = open_tokens(data_dir, split)
         mine = batches[dist.rank::dist.world_size]
-        total = 0.0
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
         quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
         for offsets in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
-            x, y = read_windows(tokens, offsets, block_size)
+            x, y = read_batch(tokens, offsets, block_size, device)
             with autocast:
-                _, loss = model(to_device(x, device), to_device(y, device))
-            total += loss.item()
-        total, count = all_reduce_sum([total, len(mine)], dist, device)
-        losses[split] = total / count
+                _, loss = model(x, y, return_logits=False)
+            total[0] += loss.double()
+            total[1] += 1
+        total = all_reduce(total, dist).tolist()
+        losses[split] = total[0] / total[1]
     model.train()
     return losses
+
+
+def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist):
+    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background."""
+    rng_states = [rng_state(sampler)]
+    if dist.ddp:
+        rng_states = [None] * dist.world_size
+        torch.distributed.all_gather_object(rng_states, rng_state(sampler))
+    if writer is not None:
+        writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
+                     'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
+
+
+def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist):
+    """Weights, optimizer, scaler and RNG states from a checkpoint loaded on the CPU; (iter_num, best_val_loss)."""
+    model.load_state_dict(checkpoint['model'])  # copies onto the model's device
+    optimizer.load_state_dict(checkpoint['optimizer'])  # moves the state to its parameters' device
+    scaler.load_state_dict(checkpoint['scaler'])
+    ranks = checkpoint['rng']
+    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
+    if len(ranks) != dist.world_size:  # another process count: the data order is kept, dropout draws fresh
+        torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
+    return checkpoint['iter_num'], checkpoint['best_val_loss']
+
+
+class CheckpointWriter:
+    """Saves checkpoints in the background: save() copies the state into CPU memory (all that training waits for),
+    then a thread writes it with save_checkpoint, atomically, while training goes on. One write at a time: a save
+    waits for the previous write, and close() for the last one. A failed write raises on the next save or close."""
+
+    def __init__(self, out_dir, keep_last_n, log_path):
+        self.out_dir, self.keep_last_n, self.log_path = out_dir, keep_last_n, log_path
+        self.thread, self.error = None, None
+
+    def save(self, state):
+        self.wait()
+        start = time.perf_counter()
+        state = to_cpu(state)  # copies: the live tensors keep changing while the thread writes
+        copy_seconds = time.perf_counter() - start
+        self.thread = threading.Thread(target=self._write, args=(state, copy_seconds), name='checkpoint-writer')
+        self.thread.start()
+
+    def _write(self, state, copy_seconds):
+        try:
+            start = time.perf_counter()
+            save_checkpoint(self.out_dir, state, self.keep_last_n)
+            write_seconds = time.perf_counter() - start
+            print(f"saved ckpt.pt at iteration {state['iter_num']}: {copy_seconds:.2f} s copying to CPU memory "
+                  f"(training waited), {write_seconds:.2f} s writing in the background")
+            append_log(self.log_path, {'iter': state['iter_num'], 'checkpoint_copy_seconds': copy_seconds,
+                                       'checkpoint_write_seconds': write_seconds})
+        except BaseException as error:  # handed to the training thread
+            self.error = error
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise UserError(f"writing a checkpoint to {self.out_dir} failed: {error}") from error
+
+    def close(self):
+        self.wait()
+
+
+def to_cpu(state):
+    """A copy of a (nested) state dict with every tensor copied into CPU memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to('cpu', copy=True)
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(value) for value in state)
+    return state
 
 
 def print_startup(cfg, config, model, device, dist):
     print('config:', ', '.join(f'{k}={v}' for k, v in asdict(cfg).items()))
     print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    device_name, peak = peak_flops(device)
+    device_name, peak = peak_flops(device, cfg.dtype)
     print(f"{dist.world_size} process(es) on {device_name} (peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
           f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
     print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
@@ -436,12 +758,14 @@ def check_inputs(cfg, dist):
     return data_dir, meta, config
 
 
-def load_resume_checkpoint(cfg, config, device):
+def load_resume_checkpoint(cfg, config):
+    """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
+    and no GPU holds a second copy of the weights and optimizer state."""
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
     try:
-        checkpoint = read_checkpoint(ckpt_path, map_location=device)
+        checkpoint = read_checkpoint(ckpt_path)
     except ValueError as error:
         raise UserError(str(error)) from None
     try:  # resolved again, so that settings added since the checkpoint take their defaults
@@ -455,147 +779,19 @@ def load_resume_checkpoint(cfg, config, device):
     return checkpoint
 
 
-def train(cfg, dist):
-    data_dir, meta, config = check_inputs(cfg, dist)
-    device = resolve_device(cfg.device, dist)
-    checkpoint = load_resume_checkpoint(cfg, config, device) if cfg.init_from == 'resume' else None
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = GPT(config).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    autocast, scaler = mixed_precision(cfg.dtype, device)
-    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
-    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
-    eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
-                                           eval_generator) for _ in range(cfg.eval_iters)]
-                    for split in ('train', 'val')}
-
-    iter_num, best_val_loss = 0, float('inf')
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint['model'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        ranks = checkpoint['rng']
-        restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
-        if len(ranks) != dist.world_size:
-            torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
-        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-        if dist.master:
-            truncate_log(log_path, iter_num)
-            print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
-        checkpoint = None  # free its memory
-    start_iter = iter_num
-    if dist.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print_startup(cfg, config, model, device, dist)
-    train_model = torch.compile(model) if cfg.compile else model
-    if dist.world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if cfg.wandb_log and dist.master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    my_micro_steps = slice(dist.rank * micro_steps, (dist.rank + 1) * micro_steps)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
-    _, peak = peak_flops(device)
-    step_seconds, steps_timed = 0.0, 0  # training time since the last log line, evaluation excluded
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
-                iter_num == start_iter and start_iter > 0):
-            losses = estimate_loss(model, data_dir, eval_offsets, cfg.block_size, device, autocast, dist)
-            if not math.isfinite(losses['val']):
-                raise UserError(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without "
-                                f"saving (lower learning_rate or set grad_clip)")
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            save = iter_num > 0 and (improved or cfg.always_save_checkpoint)
-            rng_states = [rng_state(sampler)]
-            if save and dist.world_size > 1:
-                rng_states = [None] * dist.world_size
-                torch.distributed.all_gather_object(rng_states, rng_state(sampler))
-            if dist.master:
-                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                append_log(log_path, {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
-                if cfg.wandb_log:
-                    wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
-                if save:
-                    save_checkpoint(cfg.out_dir, {
-                        'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                        'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
-                        'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                        'rng': rng_states}, cfg.keep_last_n)
-        if iter_num >= cfg.max_iters:
-            break
-
-        step_start = time.time()
-        tokens = open_tokens(data_dir, 'train')
-        offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step, batch in enumerate(offsets.view(-1, cfg.batch_size)[my_micro_steps]):
-            if dist.world_size > 1:  # average gradients across processes only after the last micro-step
-                train_model.require_backward_grad_sync = micro_step == micro_steps - 1
-            x, y = read_windows(tokens, batch, cfg.block_size)
-            with autocast:
-                _, loss = train_model(to_device(x, device), to_device(y, device))
-            scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.detach()
-        loss_value = all_reduce_sum([loss_sum.item()], dist, device)[0] / cfg.gradient_accumulation_steps
-        if not math.isfinite(loss_value):
-            raise UserError(f"training loss is {loss_value} at iteration {iter_num}; stopped without saving "
-                            f"(lower learning_rate or set grad_clip)")
-        logging = (iter_num + 1) % cfg.log_interval == 0
-        grad_norm = None
-        if cfg.grad_clip > 0 or logging:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf')).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        step_seconds += time.time() - step_start
-        steps_timed += 1
-
-        if logging and dist.master:
-            seconds_per_iter = step_seconds / steps_timed
-            record = {'iter': iter_num, 'loss': loss_value, 'lr': lr, 'grad_norm': grad_norm,
-                      'ms_per_iter': 1000 * seconds_per_iter, 'tokens_per_sec': tokens_per_iter / seconds_per_iter,
-                      'mfu': flops_per_iter / seconds_per_iter / (peak * dist.world_size) if peak else None}
-            mfu = f"{record['mfu']:.1%}" if peak else 'unknown'
-            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                  f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}")
-            append_log(log_path, record)
-            if cfg.wandb_log:
-                wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
-        if logging:
-            step_seconds, steps_timed = 0.0, 0
-    if dist.world_size > 1:  # leave together: a process that tears down its group while rank 0 still saves can abort
-        torch.distributed.barrier()
-    return best_val_loss
-
-
 def main(argv):
     dist = None
     try:
         cfg = parse_config(argv)
-        dist = setup_distributed()
-        train(cfg, dist)
+        dist, device = setup_distributed(cfg)
+        train(cfg, dist, device)
     except UserError as error:
-        if dist is None or dist.master:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
+        # every process reports its own error: on a multi-node run the failing rank may not be rank 0
+        prefix = f"[rank {dist.rank}] " if dist is not None and dist.ddp and not dist.master else ''
+        print(f"{prefix}error: {error}", file=sys.stderr)
+        return 3 if isinstance(error, Diverged) else 1
     finally:
-        if dist is not None and dist.world_size > 1:
+        if dist is not None and dist.ddp:
             torch.distributed.destroy_process_group()
     return 0
 

@@ -1,0 +1,180 @@
+"""What a long GPU run relies on, proven on the CPU: checkpoints load into CPU memory, saves happen in the
+background, a training step never waits for the device, the distributed backend follows the chosen device, the
+first step's compilation stays out of the speed figures."""
+
+import os
+import socket
+import sys
+import threading
+
+import pytest
+import torch
+
+import train
+from conftest import read_log
+from model import GPT, GPTConfig
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+        '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
+OUR_FILES = {os.path.abspath(train.__file__), os.path.abspath(sys.modules['model'].__file__)}
+
+
+def tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors(item)
+
+
+@pytest.mark.filterwarnings('ignore:for .* copying from a non-meta parameter')
+def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_data):
+    """set_rng_state takes CPU byte tensors only: a checkpoint mapped onto the training device (here 'meta',
+    standing in for a GPU) would fail on the first resume."""
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2']
+    assert train.main(argv) == 0
+    cfg = train.parse_config(argv + ['--init_from=resume'])
+    config = train.model_config(cfg, train.read_meta(char_data, 'shakespeare_char')['vocab_size'])
+    checkpoint = train.load_resume_checkpoint(cfg, config)
+    assert {t.device.type for t in tensors(checkpoint)} == {'cpu'}
+    with torch.device('meta'):
+        model = GPT(config)
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'meta')
+    sampler = torch.Generator()
+    _, scaler = train.mixed_precision('float32', torch.device('cpu'))
+    assert train.restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, train.Distributed()) == (2, checkpoint['best_val_loss'])
+    assert torch.equal(sampler.get_state(), checkpoint['rng'][0]['sampler'])
+
+
+class SyncCounter:
+    """Counts the calls, made from train.py or model.py, of the tensor methods that wait for the device."""
+    METHODS = ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__')
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(name, original))
+
+    def wrap(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if os.path.abspath(caller.co_filename) in OUR_FILES:
+                self.calls.append(f'{name} in {caller.co_name}')
+            return original(tensor, *args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize('extra', [[], ['--gradient_accumulation_steps=2', '--grad_clip=1.0', '--dropout=0.1']])
+def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatch, char_data, extra):
+    cfg = train.parse_config(TINY + [f'--data_dir={char_data}'] + extra)
+    config = train.model_config(cfg, train.read_meta(char_data, 'shakespeare_char')['vocab_size'])
+    model = GPT(config)
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    autocast, scaler = train.mixed_precision('float32', torch.device('cpu'))
+    health = train.TrainingHealth(torch.device('cpu'))
+    counter = SyncCounter(monkeypatch)
+    for iter_num in range(3):
+        loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, torch.Generator(), char_data,
+                                           torch.device('cpu'), cfg, train.Distributed(), need_grad_norm=False)
+        health.record(loss, iter_num)
+    assert counter.calls == []
+    assert loss.dim() == 0 and (grad_norm is None) == (cfg.grad_clip == 0)
+    # the check made when logging does read the device, and finds the run healthy
+    assert 0 < health.check(3, train.Distributed(), os.devnull) < 10 and counter.calls
+
+
+def test_the_first_non_finite_iteration_is_found_without_reading_each_step():
+    health = train.TrainingHealth(torch.device('cpu'))
+    for iter_num, loss in enumerate([2.0, 1.5, float('nan'), 1.0, float('inf')]):
+        health.record(torch.tensor(loss), iter_num)
+    with pytest.raises(train.Diverged, match='at iteration 2;'):
+        health.check(5, train.Distributed(), os.devnull)
+
+
+def test_the_model_can_drop_its_logits_when_only_the_loss_is_needed():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    idx = torch.randint(0, 11, (2, 8))
+    logits, loss = model(idx, idx)
+    dropped, same_loss = model(idx, idx, return_logits=False)
+    assert logits.shape == (2, 8, 11) and dropped is None and torch.equal(loss, same_loss)
+
+
+def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeypatch):
+    release, writing = threading.Event(), threading.Event()
+    real_save = train.save_checkpoint
+
+    def slow_save(*args):
+        writing.set()
+        release.wait(30)
+        real_save(*args)
+    monkeypatch.setattr(train, 'save_checkpoint', slow_save)
+    writer = train.CheckpointWriter(str(tmp_path), 0, str(tmp_path / 'log.jsonl'))
+    weights = torch.ones(4)
+    writer.save({'model': {'w': weights}, 'model_config': {}, 'iter_num': 7})
+    assert writing.wait(30) and not (tmp_path / 'ckpt.pt').exists()  # save() returned while the write waits
+    weights.mul_(5)  # training goes on changing the live tensors
+    release.set()
+    writer.close()
+    saved = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert torch.equal(saved['model']['w'], torch.ones(4)) and saved['iter_num'] == 7
+    [record] = read_log(tmp_path)
+    assert record['iter'] == 7 and record['checkpoint_write_seconds'] > 0 and record['checkpoint_copy_seconds'] >= 0
+
+
+def test_a_failed_background_write_is_reported_in_one_sentence(tmp_path):
+    (tmp_path / 'out').write_text('a file where the run folder should be')
+    writer = train.CheckpointWriter(str(tmp_path / 'out'), 0, str(tmp_path / 'log.jsonl'))
+    writer.save({'model': {}, 'model_config': {}, 'iter_num': 1})
+    with pytest.raises(train.UserError, match='writing a checkpoint to .* failed'):
+        writer.close()
+
+
+def test_checkpoints_follow_their_own_interval_and_the_last_iteration(tmp_path, char_data):
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=7',
+                              '--eval_interval=2', '--checkpoint_interval=3', '--keep_last_n=5']) == 0
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('ckpt-')) == [
+        'ckpt-0000003.pt', 'ckpt-0000006.pt', 'ckpt-0000007.pt']
+    saves = [r['iter'] for r in read_log(tmp_path) if 'checkpoint_write_seconds' in r]
+    evals = [r['iter'] for r in read_log(tmp_path) if 'val_loss' in r]
+    assert saves == [3, 6, 7] and evals == [0, 2, 4, 6, 7]
+
+
+def test_speed_figures_leave_out_the_first_step_after_a_start_or_resume(tmp_path, char_data):
+    common = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--log_interval=1', '--eval_interval=3']
+    assert train.main(common + ['--max_iters=3']) == 0
+    assert train.main(common + ['--max_iters=6', '--init_from=resume']) == 0
+    speeds = {r['iter']: r['ms_per_iter'] for r in read_log(tmp_path) if 'loss' in r}
+    assert speeds[1] is None and speeds[4] is None  # the first step of each process: compilation, warm-up
+    assert all(speeds[i] > 0 for i in (2, 3, 5, 6))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_the_distributed_backend_follows_the_chosen_device_not_the_machine(monkeypatch):
+    """--device=cpu under torchrun on a GPU node must use gloo: NCCL cannot carry CPU tensors."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # as on a GPU node
+    for key, value in {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+                       'MASTER_PORT': str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    dist, device = train.setup_distributed(train.parse_config(['--device=cpu', '--ddp_timeout_minutes=7']))
+    try:
+        assert dist.ddp and device == torch.device('cpu')
+        assert torch.distributed.get_backend() == 'gloo'
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_peak_flops_match_whole_words_and_follow_the_dtype(monkeypatch):
+    for name, dtype, peak in [('NVIDIA L4', 'bfloat16', 121e12), ('NVIDIA L40S', 'bfloat16', 362e12),
+                              ('NVIDIA H100 80GB HBM3', 'float32', 495e12), ('Tesla V100-SXM2-16GB', 'float16', 125e12),
+                              ('Tesla V100-SXM2-16GB', 'bfloat16', None), ('Tesla V100-SXM2-16GB', 'float32', None)]:
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
+        assert train.peak_flops(torch.device('cuda'), dtype) == (name, peak)
