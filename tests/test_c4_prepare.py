@@ -1,10 +1,13 @@
-"""data/c4/prepare.py: every document followed by end-of-text, shards in order, cached shards reused,
-and bad input that fails in one sentence without touching the dataset already there."""
+"""data/c4/prepare.py: in the packed layout every document followed by end-of-text; in the rows layout one
+document per row, truncated with its end token kept and right-padded; shards in order, cached shards reused,
+downloads deleted on request, and bad input that fails in one sentence without touching the dataset already there."""
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -76,7 +79,7 @@ def test_every_document_is_followed_by_end_of_text_in_train_and_val_bin(tmp_path
                                                      + encoding.encode_ordinary(DOCS[1]) + [EOT])
     assert read_split(tmp_path / 'out', 'val') == expected(encoding, DOCS[2:])
     assert json.loads((tmp_path / 'out' / 'meta.json').read_text()) == {
-        'tokenizer': 'gpt2', 'vocab_size': 50304, 'tokenizer_vocab_size': 50257,
+        'layout': 'packed', 'tokenizer': 'gpt2', 'vocab_size': 50304, 'tokenizer_vocab_size': 50257,
         'documents': {'train': 2, 'val': 1}}
 
 
@@ -207,3 +210,198 @@ def test_download_writes_the_whole_file_through_a_part_file(tmp_path):
     module.download(source.as_uri(), str(tmp_path / 'shard.json.gz'))
     assert (tmp_path / 'shard.json.gz').read_bytes() == source.read_bytes()
     assert not (tmp_path / 'shard.json.gz.part').exists()
+
+
+# The rows layout, with a small T5-like tokenizer made here: <pad> 0, </s> 1, <unk> 2, words, then T5's sentinel
+# tokens as the highest ids (<extra_id_0> last), and a post-processor that appends </s> to every document.
+PAD, EOS = 0, 1
+WORDS = [f'w{i}' for i in range(400)] + DOCS[0].split()
+SENTINELS = 3
+
+
+def t5_like_tokenizer(path, words=WORDS):
+    tokenizers = pytest.importorskip('tokenizers')
+    vocab = {'<pad>': PAD, '</s>': EOS, '<unk>': 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    first_sentinel = len(vocab)
+    sentinels = {f'<extra_id_{i}>': first_sentinel + SENTINELS - 1 - i for i in range(SENTINELS)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({**vocab, **sentinels}, unk_token='<unk>'))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(['<pad>', '</s>', '<unk>', *sentinels])
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single='$A </s>',
+                                                                       special_tokens=[('</s>', EOS)])
+    tokenizer.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def t5_file(tmp_path_factory):
+    return t5_like_tokenizer(tmp_path_factory.mktemp('tokenizer') / 'tokenizer.json')
+
+
+def words(start, count):
+    return ' '.join(f'w{i % 400}' for i in range(start, start + count))
+
+
+# a real sentence (with words the vocabulary lacks), and documents of 300, 255 and 256 words: too long, exactly
+# one row with </s>, and one word too long
+ROW_DOCS = [DOCS[1], words(0, 300), words(7, 255), words(3, 256), DOCS[0]]
+
+
+def expected_rows(tokenizer_file, texts, row_length=256):
+    """Each text's own tokens, cut to row_length - 1, then </s>, then <pad> up to row_length."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    rows = []
+    for text in texts:
+        content = tokenizer.encode(text, add_special_tokens=False).ids[:row_length - 1]
+        rows.append(content + [EOS] + [PAD] * (row_length - 1 - len(content)))
+    return rows
+
+
+def read_rows(folder, split, row_length=256):
+    return np.fromfile(os.path.join(folder, f'{split}.bin'), dtype=np.uint16).reshape(-1, row_length).tolist()
+
+
+def prepare_rows(tokenizer_file, *args):
+    return prepare('--layout', 'rows', '--tokenizer_file', tokenizer_file, '--workers', '1', *map(str, args))
+
+
+def test_each_row_is_one_document_cut_to_256_tokens_with_its_end_token_last_and_right_padded(tmp_path, t5_file):
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:4])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare_rows(t5_file, '--input', train, val, '--out_dir', tmp_path / 'out')
+    assert result.returncode == 0, result.stderr
+    train_rows, val_rows = read_rows(tmp_path / 'out', 'train'), read_rows(tmp_path / 'out', 'val')
+    assert train_rows == expected_rows(t5_file, ROW_DOCS[:4])
+    assert val_rows == expected_rows(t5_file, ROW_DOCS[4:])
+    assert [row[-1] for row in train_rows[1:4]] == [EOS, EOS, EOS]  # cut, exactly full, cut by one
+    assert train_rows[0].index(EOS) < 255 and set(train_rows[0][train_rows[0].index(EOS) + 1:]) == {PAD}
+    non_pad = {split: sum(token != PAD for row in rows for token in row)
+               for split, rows in (('train', train_rows), ('val', val_rows))}
+    assert json.loads((tmp_path / 'out' / 'meta.json').read_text()) == {
+        'layout': 'rows', 'row_length': 256, 'pad_id': PAD, 'eos_id': EOS, 'tokenizer': 't5-base',
+        'vocab_size': 3 + len(set(WORDS)), 'tokenizer_vocab_size': 3 + len(set(WORDS)) + SENTINELS,
+        'tokenizer_sha256': hashlib.sha256(open(t5_file, 'rb').read()).hexdigest(),
+        'documents': {'train': 4, 'val': 1}, 'non_pad_tokens': non_pad}
+
+
+def test_rows_from_a_worker_pool_equal_rows_from_one_process_at_any_row_length(tmp_path, t5_file):
+    # 700 documents are three batches, so the pool really splits the shard and must keep the batches in order
+    texts = [words(i, i % 13) for i in range(700)]
+    train = write_shard(tmp_path / TRAIN.format(0), texts)
+    val = write_shard(tmp_path / VAL, ROW_DOCS)
+    for workers in ('1', '2'):
+        result = prepare('--layout', 'rows', '--tokenizer_file', t5_file, '--row_length', '8', '--input', train, val,
+                         '--out_dir', str(tmp_path / workers), '--workers', workers)
+        assert result.returncode == 0, result.stderr
+    assert dataset_bytes(tmp_path / '1') == dataset_bytes(tmp_path / '2')
+    assert read_rows(tmp_path / '2', 'train', 8) == expected_rows(t5_file, texts, 8)
+    assert json.loads((tmp_path / '2' / 'meta.json').read_text())['row_length'] == 8
+
+
+def test_an_interrupted_run_resumes_from_tokenized_shards_whose_downloads_it_deleted(tmp_path, t5_file):
+    out = tmp_path / 'out'
+    downloads = out / 'downloads'
+    downloads.mkdir(parents=True)
+    write_shard(downloads / TRAIN.format(0), ROW_DOCS[:2])
+    write_shard(downloads / TRAIN.format(1), lines=[json.dumps({'text': 'w1 w2'}), '{"text": "unclosed'])
+    write_shard(downloads / VAL, ROW_DOCS[4:])
+    first = prepare_rows(t5_file, '--shards', '2', '--out_dir', out, '--delete_downloads')
+    assert_one_sentence_error(first, TRAIN.format(1))
+    assert sorted(os.listdir(downloads)) == [TRAIN.format(1), VAL]  # shard 0 was tokenized, so it went
+    assert not (out / 'meta.json').exists()
+    # shard 0 now lives only in its token file, and the network is cut: the run must resume from that file
+    write_shard(downloads / TRAIN.format(1), ROW_DOCS[2:4])
+    second = prepare_rows(t5_file, '--shards', '2', '--out_dir', out, '--delete_downloads')
+    assert second.returncode == 0, second.stderr
+    assert read_rows(out, 'train') == expected_rows(t5_file, ROW_DOCS[:4])
+    assert read_rows(out, 'val') == expected_rows(t5_file, ROW_DOCS[4:])
+    assert os.listdir(downloads) == []
+
+
+def test_delete_downloads_never_deletes_input_files_and_without_it_downloads_stay(tmp_path, t5_file):
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:2])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare_rows(t5_file, '--input', train, val, '--out_dir', tmp_path / 'out', '--delete_downloads')
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(train) and os.path.exists(val)
+    downloads = tmp_path / 'kept' / 'downloads'
+    downloads.mkdir(parents=True)
+    shutil.copy(train, downloads)
+    shutil.copy(val, downloads)
+    result = prepare_rows(t5_file, '--out_dir', tmp_path / 'kept')
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(downloads)) == [TRAIN.format(0), VAL]
+
+
+def test_a_document_that_tokenizes_to_a_t5_sentinel_is_refused_and_nothing_is_written(tmp_path, t5_file):
+    from tokenizers import Tokenizer
+    train = write_shard(tmp_path / TRAIN.format(0), [ROW_DOCS[0], 'w1 <extra_id_0> w2'])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare_rows(t5_file, '--input', train, val, '--out_dir', tmp_path / 'out')
+    sentinel_id = Tokenizer.from_file(t5_file).token_to_id('<extra_id_0>')
+    assert_one_sentence_error(result, train, str(sentinel_id), str(3 + len(set(WORDS))))
+    assert [name for _, _, names in os.walk(tmp_path / 'out') for name in names] == []
+
+
+def test_a_changed_tokenizer_file_tokenizes_again_instead_of_reusing_rows(tmp_path, t5_file):
+    other = t5_like_tokenizer(tmp_path / 'reversed.json', list(reversed(WORDS)))
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:4])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    for tokenizer_file in (t5_file, other):
+        result = prepare_rows(tokenizer_file, '--input', train, val, '--out_dir', tmp_path / 'out')
+        assert result.returncode == 0, result.stderr
+    assert read_rows(tmp_path / 'out', 'train') == expected_rows(other, ROW_DOCS[:4])
+    assert read_rows(tmp_path / 'out', 'train') != expected_rows(t5_file, ROW_DOCS[:4])
+
+
+@pytest.mark.parametrize('bad', ['missing', 'not json', 'json but no tokenizer', 'no </s> appended', 'no <pad>'])
+def test_a_bad_tokenizer_file_fails_in_one_sentence_before_writing_anything(tmp_path, bad):
+    tokenizers = pytest.importorskip('tokenizers')
+    path = tmp_path / 'tokenizer.json'
+    if bad == 'not json':
+        path.write_bytes(b'\x00 not a tokenizer')
+    elif bad == 'json but no tokenizer':
+        path.write_text('{"vocab": ["a", "b"]}')
+    elif bad == 'no </s> appended':
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({'<pad>': 0, '</s>': 1, '<unk>': 2, 'a': 3},
+                                                                     unk_token='<unk>'))
+        tokenizer.save(str(path))
+    elif bad == 'no <pad>':
+        t5_like_tokenizer(path)
+        path.write_text(path.read_text().replace('"<pad>"', '"<nopad>"'))
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:2])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare_rows(str(path), '--input', train, val, '--out_dir', tmp_path / 'out')
+    assert_one_sentence_error(result, str(path), '--tokenizer_file')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_failed_tokenizer_download_names_the_url_and_suggests_tokenizer_file(tmp_path):
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:2])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare('--layout', 'rows', '--input', train, val, '--out_dir', str(tmp_path / 'out'))
+    assert_one_sentence_error(result, 'https://huggingface.co/google-t5/t5-base/resolve/main/tokenizer.json',
+                              '--tokenizer_file')
+    assert os.listdir(tmp_path / 'out' / 'downloads') == []
+
+
+def test_the_t5_tokenizer_is_downloaded_once_then_read_from_its_cache(tmp_path, t5_file, monkeypatch):
+    spec = importlib.util.spec_from_file_location('c4_prepare', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, 'T5_TOKENIZER_URL', pathlib.Path(t5_file).as_uri())
+    path = module.t5_tokenizer_file(str(tmp_path))
+    assert open(path, 'rb').read() == open(t5_file, 'rb').read()
+    # a second call must not fetch: the URL now leads nowhere
+    monkeypatch.setattr(module, 'T5_TOKENIZER_URL', (tmp_path / 'gone.json').as_uri())
+    assert module.t5_tokenizer_file(str(tmp_path)) == path
+
+
+def test_tokenizer_file_belongs_to_the_rows_layout(tmp_path, t5_file):
+    train = write_shard(tmp_path / TRAIN.format(0), ROW_DOCS[:2])
+    val = write_shard(tmp_path / VAL, ROW_DOCS[4:])
+    result = prepare('--tokenizer_file', t5_file, '--input', train, val, '--out_dir', str(tmp_path / 'out'))
+    assert_one_sentence_error(result, '--layout rows')
