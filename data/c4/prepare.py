@@ -23,7 +23,7 @@ tokenized shard is never read again; --input files are never deleted.
 
 One pass without repetition, at 512 sequences per step: a train shard holds about 356k documents (364,868,892 in
 1,024 shards), so --layout rows needs steps x 512 / 356,317 shards; --layout packed needs steps x 131,072 tokens
-at about 160M GPT-2 tokens per shard (estimated from ~1.3B tokens in 8 shards, not measured; each run prints every
+at about 162M GPT-2 tokens per shard (estimated from ~1.3B tokens in 8 shards, not measured; each run prints every
 shard's count).
 
     config   steps    rows layout: rows, shards    packed layout: tokens, shards
@@ -33,8 +33,9 @@ shard's count).
     350M     60,000   30.72M,  87                   7.86B,  about 49
     1B      100,000   51.20M, 144                  13.11B,  about 81
 
-The authors evaluate on 10M non-pad validation tokens; one validation shard (45.6k documents, at most 256 tokens
-each) holds fewer, so take --val_shards 2 for that. meta.json's non_pad_tokens says what each split holds.
+The authors evaluate on 10M non-pad validation tokens; one validation shard (45.6k documents) holds at most 11.7M
+tokens with the pads, so likely fewer than 10M without: take --val_shards 2. meta.json's non_pad_tokens says
+what each split holds.
 """
 
 import argparse
