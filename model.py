@@ -7,7 +7,7 @@ norm_scheme (x = residual stream entering block l, l = 1..L, N = the architectur
   lns       h = x + A(N(x) / sqrt(l));     y = h + F(N(h) / sqrt(l))        (LayerNorm Scaling, the paper's method)
   post      h = N(x + A(x));               y = N(h + F(h))
   deepnorm  h = N(a*x + A(x));             y = N(a*h + F(h)), a = (2L)^(1/4), with DeepNet's init
-  mix       post for blocks 1..round(mix_ratio * L), pre after them (Mix-LN)
+  mix       post for blocks 1..floor(mix_ratio * L), pre after them (Mix-LN)
   peri      h = x + N2(A(N1(x)));          y = h + N4(F(N3(h)))             (Peri-LN / Sandwich-LN)
 Every scheme ends with a final norm before the output head (as the paper's code does, Post-LN included).
 
@@ -122,9 +122,12 @@ def lns_scale(config, depth):
 
 def block_layout(config, depth):
     """Where block `depth` puts its norms: 'pre' (pre, lns, mix after the boundary), 'post' (post, deepnorm,
-    mix's first round(mix_ratio * L) blocks) or 'peri'."""
+    mix's first floor(mix_ratio * L) blocks) or 'peri'. Mix-LN's count of Post-LN blocks rounds down, as the
+    Mix-LN paper's floor(alpha L) does: at mix_ratio 0.25, 2 blocks give none, 6 give 1 and 10 give 2 (Python's
+    round() would give 0, 2 and 2, sending halves to the even neighbour)."""
     if config.norm_scheme == 'mix':
-        return 'post' if depth <= round(config.mix_ratio * config.n_layer) else 'pre'
+        # to 6 decimals before rounding down, so that 0.29 * 100 = 28.999999999999996 still counts 29 blocks
+        return 'post' if depth <= math.floor(round(config.mix_ratio * config.n_layer, 6)) else 'pre'
     return {'pre': 'pre', 'lns': 'pre', 'post': 'post', 'deepnorm': 'post', 'peri': 'peri'}[config.norm_scheme]
 
 

@@ -4,6 +4,7 @@ They reuse only the embeddings, the sublayers A (attention) and F (MLP), the lea
 output head of a model; every norm, every residual connection and every factor is written out here."""
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -48,7 +49,7 @@ def reference_residuals(model, idx, skip=()):
     lns       pre with N(.) * 1/sqrt(l) (lns_position 'norm'; 'attn'/'mlp' one norm; 'sublayer' A(.), F(.))
     post      h = N(x + A(x));             y = N(h + F(h))
     deepnorm  h = N(a*x + A(x));           y = N(a*h + F(h)), a = (2L)^(1/4)
-    mix       post for l <= round(mix_ratio * L), pre after
+    mix       post for the blocks l <= mix_ratio * L (mix_ratio read as the decimal written), pre after
     peri      h = x + N2(A(N1(x)));        y = h + N4(F(N3(h)))
     What a sublayer adds to the residual stream (A(.), F(.), or N2(A(.)) and N4(F(.)) under peri) is multiplied
     by the block's layerscale or skipinit gain when one is on."""
@@ -60,7 +61,10 @@ def reference_residuals(model, idx, skip=()):
         x = x + model.pos_emb.weight[:T]
     else:
         rope = rope_cos_sin(T, config.n_embd // config.n_head, config.rope_theta, idx.device)
-    post_blocks = {'post': L, 'deepnorm': L, 'mix': round(config.mix_ratio * L)}.get(scheme, 0)
+
+    def post_ln(depth):
+        return scheme in ('post', 'deepnorm') or scheme == 'mix' and depth <= Fraction(str(config.mix_ratio)) * L
+
     a = (2 * L) ** 0.25 if scheme == 'deepnorm' else 1.0
     residuals = [x]
     for depth, block in enumerate(model.blocks, start=1):
@@ -77,7 +81,7 @@ def reference_residuals(model, idx, skip=()):
             if scheme == 'peri':
                 h = x + g_attn * N(block.attn_out_norm, A(N(block.attn_norm, x)))
                 x = h + g_mlp * N(block.mlp_out_norm, F(N(block.mlp_norm, h)))
-            elif depth <= post_blocks:
+            elif post_ln(depth):
                 h = N(block.attn_norm, a * x + g_attn * A(x))
                 x = N(block.mlp_norm, a * h + g_mlp * F(h))
             else:

@@ -76,13 +76,22 @@ def test_deepnorm_constants(n_layer, a, b):
     assert all(block.residual_scale == pytest.approx(a, abs=1e-5) for block in model.blocks)
 
 
-@pytest.mark.parametrize('n_layer, post_blocks', [(12, 3), (24, 6), (4, 1)])
-def test_mix_ln_uses_post_ln_for_the_first_quarter_of_blocks(n_layer, post_blocks):
-    config = GPTConfig(arch='llama', norm_scheme='mix', n_layer=n_layer, n_head=2, n_embd=16)
+# Mix-LN's Post-LN blocks are floor(mix_ratio * L): at 2, 6 and 10 blocks the product ends in a half, where
+# round() (halves to even), floor and ceil disagree; 100 * 0.29 is 28.999999999999996 in floating point
+@pytest.mark.parametrize('n_layer, mix_ratio, post_blocks', [(12, 0.25, 3), (24, 0.25, 6), (4, 0.25, 1),
+                                                             (2, 0.25, 0), (6, 0.25, 1), (10, 0.25, 2),
+                                                             (12, 0.5, 6), (7, 0.5, 3), (100, 0.29, 29)])
+def test_mix_ln_uses_post_ln_for_the_first_mix_ratio_of_blocks_rounded_down(n_layer, mix_ratio, post_blocks):
+    config = GPTConfig(arch='llama', norm_scheme='mix', mix_ratio=mix_ratio, n_layer=n_layer, n_head=2, n_embd=16)
     layouts = [block_layout(config, depth) for depth in range(1, n_layer + 1)]
     assert layouts == ['post'] * post_blocks + ['pre'] * (n_layer - post_blocks)
-    half = GPTConfig(arch='llama', norm_scheme='mix', mix_ratio=0.5, n_layer=n_layer, n_head=2, n_embd=16)
-    assert [block_layout(half, d) for d in range(1, n_layer + 1)].count('post') == n_layer // 2
+
+
+@pytest.mark.parametrize('n_layer', [2, 6, 10])
+def test_mix_ln_forward_matches_its_formula_where_rounding_rules_differ(n_layer):
+    model = build(tiny_config('llama', 'mix', n_layer=n_layer))
+    idx = tokens(model.config)
+    torch.testing.assert_close(model(idx)[0], reference_logits(model, idx), rtol=1e-5, atol=1e-5)
 
 
 def test_peri_has_four_norms_per_block_and_others_two():
