@@ -420,8 +420,8 @@ def train(cfg, dist, device):
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
     autocast, scaler = mixed_precision(cfg.dtype, device)
-    # every process draws the same data offsets and takes its own share of the micro-steps: no two processes
-    # see the same windows, and N processes see exactly what one process with N times the micro-steps would
+    # the same data offsets in every process (see train_batches): no two processes see the same windows, and N
+    # processes see exactly what one process with N times the micro-steps would
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
     eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
@@ -489,8 +489,9 @@ def train(cfg, dist, device):
             for group in optimizer.param_groups:
                 group['lr'] = lr
             logging = (iter_num + 1) % cfg.log_interval == 0
-            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, sampler, data_dir,
-                                         device, cfg, dist, need_grad_norm=logging)
+            batches = train_batches(sampler, data_dir, device, cfg, dist)
+            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
+                                         need_grad_norm=logging)
             health.record(loss, iter_num)
             iter_num += 1
             stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
@@ -517,18 +518,13 @@ def train(cfg, dist, device):
     return best_val_loss
 
 
-def train_step(train_model, model, optimizer, scaler, autocast, sampler, data_dir, device, cfg, dist,
-               need_grad_norm):
-    """One optimizer step over this process's share of the global batch. Returns the mean loss of its micro-steps
-    and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the device: nothing here
-    waits for the GPU, so the host reads the next batch while the device still computes."""
+def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
+    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
+    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
+    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
     micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    tokens = open_tokens(data_dir, 'train')
-    offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
-    mine = offsets.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
-    batches = (read_batch(tokens, batch, cfg.block_size, device) for batch in mine)
     x, y = next(batches)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=x.device)
     for micro_step in range(micro_steps):
         if dist.ddp:  # average gradients across processes only after the last micro-step
             train_model.require_backward_grad_sync = micro_step == micro_steps - 1
@@ -545,6 +541,16 @@ def train_step(train_model, model, optimizer, scaler, autocast, sampler, data_di
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / micro_steps, grad_norm
+
+
+def train_batches(sampler, data_dir, device, cfg, dist):
+    """This process's micro-batches of the next step, read as they are needed: every process draws the offsets of
+    the whole global batch and takes its own share of the micro-steps."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    tokens = open_tokens(data_dir, 'train')
+    offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    mine = offsets.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
+    return (read_batch(tokens, batch, cfg.block_size, device) for batch in mine)
 
 
 class Diverged(UserError):
@@ -723,7 +729,9 @@ def print_startup(cfg, config, model, device, dist):
     print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     device_name, peak = peak_flops(device, cfg.dtype)
-    print(f"{dist.world_size} process(es) on {device_name} (peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
+    ddp = f", DDP over {torch.distributed.get_backend()}" if dist.ddp else ''
+    print(f"{dist.world_size} process(es){ddp} on {device_name} "
+          f"(peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
           f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
     print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
           f"{cfg.gradient_accumulation_steps} micro-steps ({cfg.gradient_accumulation_steps // dist.world_size} "

@@ -2,6 +2,7 @@
 background, a training step never waits for the device, the distributed backend follows the chosen device, the
 first step's compilation stays out of the speed figures."""
 
+import json
 import os
 import socket
 import sys
@@ -78,8 +79,9 @@ def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatc
     health = train.TrainingHealth(torch.device('cpu'))
     counter = SyncCounter(monkeypatch)
     for iter_num in range(3):
-        loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, torch.Generator(), char_data,
-                                           torch.device('cpu'), cfg, train.Distributed(), need_grad_norm=False)
+        batches = train.train_batches(torch.Generator(), char_data, torch.device('cpu'), cfg, train.Distributed())
+        loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, batches, cfg,
+                                           train.Distributed(), need_grad_norm=False)
         health.record(loss, iter_num)
     assert counter.calls == []
     assert loss.dim() == 0 and (grad_norm is None) == (cfg.grad_clip == 0)
@@ -178,3 +180,16 @@ def test_peak_flops_match_whole_words_and_follow_the_dtype(monkeypatch):
                               ('Tesla V100-SXM2-16GB', 'bfloat16', None), ('Tesla V100-SXM2-16GB', 'float32', None)]:
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
         assert train.peak_flops(torch.device('cuda'), dtype) == (name, peak)
+
+
+def test_the_paper_benchmark_table_runs_each_config_in_its_own_process(tmp_path):
+    """The GPU check's benchmark, on the CPU with the configs shrunk: every config a row, each with its numbers."""
+    import bench
+    shrink = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_head=2', '--n_kv_head=2',
+              '--n_embd=32', '--batch_size=2', '--block_size=16', '--vocab_size=128']
+    configs = {'130M': ['config/llama_130m_lns.py'], '1B (ffn 5504)': ['config/llama_1b_lns.py', '--ffn_hidden=48']}
+    text = bench.paper_table(tmp_path / 'paper.json', configs=configs, extra=shrink, steps=1, warmup=1)
+    rows = json.loads((tmp_path / 'paper.json').read_text())['configs']
+    assert [row['config'] for row in rows] == ['130M', '1B (ffn 5504)']
+    assert all(row['ms_per_step'] > 0 and row['tokens_per_step'] == 32 for row in rows)
+    assert '| 1B (ffn 5504) |' in text and 'measured float32 matmul' in text
