@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import CHARACTERS, ROOT
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
 
@@ -70,3 +70,17 @@ def test_missing_input_file_fails_in_one_sentence(tmp_path):
     result = prepare('shakespeare_char', '--input', str(tmp_path / 'nope.txt'), '--out_dir', str(tmp_path / 'out'))
     assert result.returncode != 0 and 'Traceback' not in result.stderr and 'nope.txt' in result.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_generated_play_holds_exactly_tiny_shakespeares_characters(char_data):
+    # the training tests count on it: 65 ids, an initial loss of log(65), text of tiny Shakespeare tokenizable
+    meta = json.loads(open(os.path.join(char_data, 'meta.json')).read())
+    assert meta['chars'] == CHARACTERS and meta['vocab_size'] == 65
+    assert len(read_split(char_data, 'val')) > 4096  # enough for eval_layers' windows
+
+
+def test_char_prepare_of_tiny_shakespeare_gives_its_65_characters(tmp_path, shakespeare_text_path):
+    result = prepare('shakespeare_char', '--input', shakespeare_text_path, '--out_dir', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / 'meta.json').read_text())['chars'] == CHARACTERS
+    assert len(read_split(tmp_path, 'train')) == int(0.9 * 1115394)  # the file's characters, split 90/10
