@@ -1,25 +1,35 @@
 """
 Which layers matter? The paper's layer analyses, for our checkpoints and for pretrained Hugging Face models.
 
-    python eval_layers.py out/pre out/lns --data data/shakespeare_char --plot plots --json layers.json
+    python eval_layers.py out/pre out/lns --plot plots --json layers.json
     python eval_layers.py path/to/gpt2 --text ../shared/data/wikitext-2/valid.txt
+    python eval_layers.py path/to/Qwen2.5-0.5B --task hellaswag --task_limit 200 --plot plots
 
 MODEL is a run folder (with ckpt.pt), a checkpoint file, a Hugging Face model folder (config.json and
 *.safetensors: GPT-2, Llama, Mistral, Qwen2) or, with huggingface_hub installed, a hub id. Every model is
-measured on the same windows of the same tokens (the first --tokens of the validation data):
+measured on the same windows of the same tokens: the first --tokens of --data's validation split, of --text, or,
+with neither, of the validation split the checkpoints were trained on:
 - layer drop: the loss with block l skipped (the other blocks keep their own 1/sqrt(l) under LNS), for every l;
   with --last_k K also with the last 1..K blocks skipped together;
 - angular distance arccos(cos(x_l, x_{l+n}))/pi between the residual streams entering blocks l and l+n, per
   token, averaged over tokens, for n = 1..--max_distance (x_{L+1} is the last block's output);
 - per block: the variance of the residual stream after it, its mean norm, and |update| / |input|.
+With --task (hellaswag, arc_easy, arc_challenge, mmlu), zero-shot multiple-choice accuracy of the full model and
+with each block skipped (the paper's Figure 1); the loss analyses then run only when --data or --text is given.
 Block numbers are 1-based, as in the paper.
 """
 
 import argparse
+import csv
+import io
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import tarfile
+import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -29,6 +39,8 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, read_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
@@ -41,19 +53,30 @@ class LoadedModel:
     model: GPT
     tokenizer: str                      # 'char', 'gpt2', a Hugging Face model's folder name, or 'unknown'
     encode: Optional[Callable] = None   # text -> token ids, when a tokenizer is available offline
+    decode: Optional[Callable] = None   # token ids -> text
     description: str = ''
+    trained_on: Optional[str] = None    # the data folder the checkpoint was trained on, when it records one
 
 
 # ----------------------------------------------------------------------------- models and tokenizers
 
-def gpt2_encode():
+def gpt2_encoding():
     import tiktoken
     try:
-        encoding = tiktoken.get_encoding('gpt2')
+        return tiktoken.get_encoding('gpt2')
     except Exception as error:
         raise UserError(f"tiktoken's gpt2 encoding is not available offline ({type(error).__name__}); "
                         f"set TIKTOKEN_CACHE_DIR or pass --data with a prepared folder") from None
-    return encoding.encode_ordinary
+
+
+def gpt2_encode():
+    return gpt2_encoding().encode_ordinary
+
+
+def gpt2_decode(ids):
+    encoding = gpt2_encoding()
+    # a vocabulary padded for speed (50304) has ids that no text maps to; a barely trained model may sample them
+    return encoding.decode([i for i in ids if i < encoding.n_vocab])
 
 
 def char_encode(chars, name):
@@ -62,10 +85,13 @@ def char_encode(chars, name):
     def encode(text):
         unknown = sorted(set(text) - set(index))
         if unknown:
-            raise UserError(f"the text has characters {''.join(unknown[:10])!r} that {name} never saw in training; "
-                            f"use text from the same corpus or --data")
+            raise UserError(f"the text has characters {''.join(unknown[:10])!r} that {name} never saw in training")
         return [index[c] for c in text]
     return encode
+
+
+def char_decode(chars):
+    return lambda ids: ''.join(chars[i] if i < len(chars) else '\ufffd' for i in ids)
 
 
 def load_our_checkpoint(path, name, device):
@@ -76,15 +102,19 @@ def load_our_checkpoint(path, name, device):
         raise UserError(str(error)) from None
     meta = checkpoint.get('data_meta') or {}
     tokenizer = meta.get('tokenizer', 'unknown')
-    encode = None
+    encode = decode = None
     if tokenizer == 'char':
-        encode = char_encode(meta['chars'], name)
-    elif tokenizer == 'gpt2':
-        encode = lambda text: gpt2_encode()(text)  # noqa: E731 (loaded only when text is given)
+        encode, decode = char_encode(meta['chars'], name), char_decode(meta['chars'])
+    elif tokenizer == 'gpt2':  # tiktoken's tables are loaded only when text is encoded or decoded
+        encode, decode = (lambda text: gpt2_encode()(text)), gpt2_decode
+    train_config = checkpoint.get('train_config') or {}
+    # train.py reads data_dir, or data/<dataset> beside it when data_dir is empty
+    trained_on = train_config.get('data_dir') or (os.path.join(HERE, 'data', train_config['dataset'])
+                                                  if train_config.get('dataset') else None)
     config = model.config
     description = (f"{config.arch} {config.norm_scheme}, {config.n_layer} blocks, {model.num_params():,} parameters, "
                    f"iteration {checkpoint.get('iter_num', '?')}")
-    return LoadedModel(name, model, tokenizer, encode, description)
+    return LoadedModel(name, model, tokenizer, encode, decode, description, trained_on)
 
 
 def load_hf_folder(folder, name, device):
@@ -95,34 +125,39 @@ def load_hf_folder(folder, name, device):
         raise UserError(str(error)) from None
     with open(os.path.join(folder, 'config.json')) as f:
         model_type = json.load(f).get('model_type')
-    tokenizer, encode = os.path.basename(os.path.normpath(folder)), None
-    if model_type == 'gpt2':
-        tokenizer, encode = 'gpt2', (lambda text: gpt2_encode()(text))
-    elif os.path.exists(os.path.join(folder, 'tokenizer.json')):
-        encode = lambda text: hf_tokenizer(folder)(text)  # noqa: E731
+    tokenizer, encode, decode = os.path.basename(os.path.normpath(folder)), None, None
+    if os.path.exists(os.path.join(folder, 'tokenizer.json')):
+        # the folder's own tokenizer; GPT-2's (50257 tokens) reads the same ids as data prepared with tiktoken
+        encode, decode, vocab_size = hf_tokenizer(folder)
+        if model_type == 'gpt2' and vocab_size == 50257:
+            tokenizer = 'gpt2'
+    elif model_type == 'gpt2':
+        tokenizer, encode, decode = 'gpt2', (lambda text: gpt2_encode()(text)), gpt2_decode
     description = f"Hugging Face {model_type}, {model.config.n_layer} blocks, {model.num_params():,} parameters"
-    return LoadedModel(name, model, tokenizer, encode, description)
+    return LoadedModel(name, model, tokenizer, encode, decode, description)
 
 
 def hf_tokenizer(folder):
+    """encode, decode and vocabulary size of a folder's tokenizer.json."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise UserError(f"{folder} has a tokenizer.json but the tokenizers package is not installed; "
                         f"pip install tokenizers, or pass --data with token ids") from None
     tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode,
+            tokenizer.get_vocab_size())
 
 
-def load_model(spec, device):
-    """Our run folder or checkpoint file, a Hugging Face folder, or a hub id."""
-    name = os.path.basename(os.path.normpath(spec)) if os.path.exists(spec) else spec
+def load_model(spec, device, name=None):
+    """Our run folder or checkpoint file, a Hugging Face folder, or a hub id; name defaults to run_names'."""
+    name = name or run_names([spec])[0]
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, 'ckpt.pt')):
-        return load_our_checkpoint(os.path.join(spec, 'ckpt.pt'), spec, device)
+        return load_our_checkpoint(os.path.join(spec, 'ckpt.pt'), name, device)
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, 'config.json')):
         return load_hf_folder(spec, name, device)
     if os.path.isfile(spec):
-        return load_our_checkpoint(spec, spec, device)
+        return load_our_checkpoint(spec, name, device)
     if os.path.isdir(spec):
         raise UserError(f"{spec} has neither ckpt.pt (a run of train.py) nor config.json (a Hugging Face model)")
     if spec.count('/') == 1 and not spec.startswith(('.', '/')):
@@ -136,8 +171,29 @@ def load_model(spec, device):
         except Exception as error:
             raise UserError(f"could not download {spec} from the hub ({type(error).__name__}); "
                             f"download it yourself and pass the folder") from None
-        return load_hf_folder(folder, spec, device)
+        return load_hf_folder(folder, name, device)
     raise UserError(f"{spec} does not exist; give a run folder, a ckpt.pt, a Hugging Face folder or a hub id")
+
+
+def run_names(specs):
+    """Short names for tables and legends: a run's folder name (for a checkpoint file other than ckpt.pt, the folder
+    and the file's stem), with parent folders added while two names coincide; a hub id stays whole."""
+    paths = []
+    for spec in specs:
+        if not os.path.exists(spec):
+            paths.append(([spec], 1))
+            continue
+        parts = os.path.normpath(os.path.abspath(spec)).split(os.sep)
+        if os.path.isfile(spec):
+            stem = os.path.splitext(parts[-1])[0]
+            paths.append((parts[:-1], 1) if parts[-1] == 'ckpt.pt' else (parts[:-1] + [stem], 2))
+        else:
+            paths.append((parts, 1))
+    for extra in range(max(len(parts) for parts, _ in paths)):
+        names = ['/'.join(parts[-(depth + extra):]) for parts, depth in paths]
+        if len(set(names)) == len(names):
+            return names
+    return list(specs)
 
 
 # ----------------------------------------------------------------------------- data
@@ -167,7 +223,29 @@ def tokens_from_text(path, loaded, budget):
             text = f.read()
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {path} as UTF-8 text ({error})") from None
-    return np.array(loaded.encode(text)[:budget + 1], dtype=np.int64)
+    try:
+        ids = loaded.encode(text)
+    except UserError as error:
+        raise UserError(f"{error}; use text from the same corpus or --data") from None
+    return np.array(ids[:budget + 1], dtype=np.int64)
+
+
+def recorded_data_folder(loaded):
+    """The one data folder that every model was trained on (its validation split is the default); UserError when a
+    model records none, when they differ, or when the folder is not prepared."""
+    for m in loaded:
+        if m.trained_on is None:
+            raise UserError(f"{m.name} records no training data; pass --data FOLDER or --text FILE")
+    folders = {os.path.realpath(m.trained_on): m for m in loaded}
+    if len(folders) > 1:
+        first, second = list(folders.values())[:2]
+        raise UserError(f"{first.name} was trained on {first.trained_on} but {second.name} on {second.trained_on}; "
+                        f"pass --data or --text to measure them on the same tokens")
+    folder = loaded[0].trained_on
+    if not all(os.path.exists(os.path.join(folder, name)) for name in ('meta.json', 'val.bin')):
+        raise UserError(f"{loaded[0].name} was trained on {folder}, which is missing or not prepared (meta.json and "
+                        f"val.bin); prepare it there, or pass --data or --text")
+    return folder
 
 
 def windows(tokens, block_size):
@@ -247,39 +325,308 @@ def analyze(model, x, y, batch_size, device, autocast, max_distance, last_k, pro
                                 for k in range(1, len(cumulative_loss) + 1)]}
 
 
+
+# ----------------------------------------------------------------------------- downstream tasks
+
+@dataclass
+class Example:
+    context: str
+    continuations: list     # each choice as it is scored after the context, with its leading space
+    label: int              # the index of the correct continuation
+
+
+def records(path, task, parse):
+    """parse(record) for each line of a jsonl file; UserError naming the first line that is not a task example."""
+    examples = []
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = parse(json.loads(line))
+                if not 0 <= example.label < len(example.continuations):
+                    raise ValueError(f"label {example.label} of {len(example.continuations)} choices")
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+                raise UserError(f"line {number} of {path} is not a {task} example ({type(error).__name__}: "
+                                f"{error}); give the benchmark's own file") from None
+            examples.append(example)
+    return examples
+
+
+def hellaswag_text(text):
+    """HellaSwag's clean-up as the common harnesses do it: WikiHow's ' [title]' markers become sentence breaks,
+    other bracketed markers go, double spaces become one."""
+    text = text.strip().replace(' [title]', '. ')
+    return re.sub(r'\[.*?\]', '', text).replace('  ', ' ')
+
+
+def parse_hellaswag(record):
+    """A line of hellaswag_val.jsonl: the activity label and both parts of the context, then each ending."""
+    context = record['activity_label'] + ': ' + record['ctx_a'] + ' ' + record['ctx_b'].capitalize()
+    return Example(hellaswag_text(context), [' ' + hellaswag_text(ending) for ending in record['endings']],
+                   int(record['label']))
+
+
+def parse_arc(record):
+    """An ARC question as AI2 distributes it ({'question': {'stem', 'choices': [{'text', 'label'}]}, 'answerKey'})
+    or as the Hugging Face dataset's rows hold it ({'question', 'choices': {'text': [], 'label': []}, 'answerKey'})."""
+    question = record['question']
+    if isinstance(question, dict):
+        stem = question['stem']
+        texts, labels = [c['text'] for c in question['choices']], [c['label'] for c in question['choices']]
+    else:
+        stem, texts, labels = question, record['choices']['text'], record['choices']['label']
+    return Example(f"Question: {stem}\nAnswer:", [' ' + text for text in texts], labels.index(record['answerKey']))
+
+
+def read_mmlu(path):
+    """MMLU's test files (rows: question, four choices, answer letter; no header), one per subject, named
+    <subject>_test.csv: one of them, a folder of them, or the benchmark's data.tar. Zero-shot prompt of the MMLU
+    paper; each choice is scored as its letter."""
+    if os.path.isdir(path):
+        files = [(name, open(os.path.join(path, name), encoding='utf-8').read())
+                 for name in sorted(os.listdir(path)) if name.endswith('.csv')]
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            files = [(os.path.basename(member.name), tar.extractfile(member).read().decode('utf-8'))
+                     for member in sorted(tar.getmembers(), key=lambda m: m.name)
+                     if member.isfile() and member.name.endswith('_test.csv') and '/test/' in member.name]
+    else:
+        files = [(os.path.basename(path), open(path, encoding='utf-8').read())]
+    examples = []
+    for name, text in files:
+        subject = name.removesuffix('.csv').removesuffix('_test').replace('_', ' ')
+        for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+            if len(row) != 6 or row[5].strip() not in ('A', 'B', 'C', 'D'):
+                raise UserError(f"row {number} of {name} is not an MMLU question (question, four choices, answer "
+                                f"letter); give the benchmark's own file")
+            question, *choices, answer = row
+            options = ''.join(f"\n{letter}. {choice}" for letter, choice in zip('ABCD', choices))
+            examples.append(Example(f"The following are multiple choice questions (with answers) about {subject}."
+                                    f"\n\n{question.strip()}{options}\nAnswer:", [' A', ' B', ' C', ' D'],
+                                    'ABCD'.index(answer.strip())))
+    return examples
+
+
+@dataclass
+class Task:
+    read: Callable          # path -> list of Example
+    file: str               # the name of the download in TASK_CACHE
+    url: str                # the benchmark's public file, or pages of rows from Hugging Face's dataset viewer
+    paged: bool = False     # url serves JSON pages of rows (saved as jsonl), not a file
+
+
+# the public sources: HellaSwag's repository, MMLU's release; ARC's AI2 archive bundles a large corpus, so its rows
+# come from the Hugging Face copy through the dataset viewer's API
+ARC_ROWS = 'https://datasets-server.huggingface.co/rows?dataset=allenai%2Fai2_arc&split=test&config='
+TASKS = {
+    'hellaswag': Task(lambda path: records(path, 'hellaswag', parse_hellaswag), 'hellaswag_val.jsonl',
+                      'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
+    'arc_easy': Task(lambda path: records(path, 'arc_easy', parse_arc), 'arc_easy_test.jsonl',
+                     ARC_ROWS + 'ARC-Easy', paged=True),
+    'arc_challenge': Task(lambda path: records(path, 'arc_challenge', parse_arc), 'arc_challenge_test.jsonl',
+                          ARC_ROWS + 'ARC-Challenge', paged=True),
+    'mmlu': Task(read_mmlu, 'mmlu_data.tar', 'https://people.eecs.berkeley.edu/~hendrycks/data.tar'),
+}
+TASK_CACHE = os.path.join(HERE, 'data', 'tasks', 'downloads')
+
+
+def download(task, path):
+    """The task's file, downloaded once to path (written under another name, then renamed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = path + '.partial'
+    with open(partial, 'wb') as f:
+        if task.paged:
+            offset, total = 0, 1
+            while offset < total:
+                with urllib.request.urlopen(f"{task.url}&offset={offset}&length=100", timeout=60) as response:
+                    page = json.load(response)
+                if not page['rows']:
+                    break
+                total = page['num_rows_total']
+                f.write(''.join(json.dumps(row['row']) + '\n' for row in page['rows']).encode())
+                offset += len(page['rows'])
+        else:
+            with urllib.request.urlopen(task.url, timeout=60) as response:
+                shutil.copyfileobj(response, f)
+    os.replace(partial, path)
+
+
+def read_task(name, task_file, limit):
+    """The task's examples from task_file or from the cached download; with limit, that many spread evenly over
+    the file (every k-th), so that a subset of MMLU spans its subjects."""
+    task = TASKS[name]
+    path = task_file or os.path.join(TASK_CACHE, task.file)
+    if task_file and not os.path.exists(task_file):
+        raise UserError(f"--task_file {task_file} does not exist; give a local copy of {name}'s file")
+    if not os.path.exists(path):
+        print(f"downloading {name} from {task.url}", file=sys.stderr)
+        try:
+            download(task, path)
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"could not download {name} from {task.url} ({type(error).__name__}); download the "
+                            f"benchmark's file yourself and pass --task_file") from None
+    try:
+        examples = task.read(path)
+    except (OSError, UnicodeDecodeError, tarfile.TarError) as error:
+        raise UserError(f"cannot read {path} as {name}'s file ({error})") from None
+    if not examples:
+        raise UserError(f"{path} holds no {name} examples; give the benchmark's own file")
+    if limit and limit < len(examples):
+        examples = [examples[i * len(examples) // limit] for i in range(limit)]
+    return examples
+
+
+def task_requests(examples, loaded, task, block_size):
+    """(token ids, continuation length) for each choice of each example, in order: the context's tokens, then the
+    continuation's as the tokens of context + continuation beyond the context's own (as the common harnesses split
+    them), cut from the left to block_size + 1 tokens."""
+    if loaded.encode is None:
+        raise UserError(f"no tokenizer for {loaded.name} is available offline, so it cannot read {task}; add its "
+                        f"tokenizer.json to the folder")
+    requests = []
+    for number, example in enumerate(examples, start=1):
+        try:
+            context = loaded.encode(example.context)
+            continuations = [loaded.encode(example.context + c)[len(context):] for c in example.continuations]
+        except UserError as error:
+            raise UserError(f"{task} example {number}: {error}; a character-level model reads only text made of its "
+                            f"training characters") from None
+        if not context or not all(continuations):
+            raise UserError(f"{task} example {number} has an empty context or choice once tokenized")
+        for continuation in continuations:
+            ids = (context + continuation)[-(block_size + 1):]
+            requests.append((ids, min(len(continuation), len(ids) - 1)))
+    return requests
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, requests, batch_size, device, autocast, skip_layers=(), progress=None):
+    """The summed log-probability of each request's continuation tokens given the tokens before them. Batches are
+    padded on the right, which a causal model never sees from earlier positions."""
+    scores = []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        x = torch.zeros(len(batch), max(len(ids) for ids, _ in batch) - 1, dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        with autocast:
+            logits, _ = model(x.to(device), skip_layers=skip_layers)
+        log_probs = logits.float().log_softmax(dim=-1).cpu()
+        for row, (ids, count) in enumerate(batch):
+            positions = torch.arange(len(ids) - 1 - count, len(ids) - 1)
+            scores.append(log_probs[row, positions, torch.tensor(ids[-count:])].sum().item())
+        if progress is not None:
+            progress.update(1)
+    return scores
+
+
+def accuracies(examples, scores):
+    """acc: how often the choice of highest summed log-likelihood is correct; acc_norm: the same with each sum
+    divided by the continuation's length in UTF-8 bytes. Standard errors of the mean over examples."""
+    correct, correct_norm, start = [], [], 0
+    for example in examples:
+        sums = np.array(scores[start:start + len(example.continuations)])
+        lengths = np.array([len(c.encode('utf-8')) for c in example.continuations])
+        correct.append(float(np.argmax(sums) == example.label))
+        correct_norm.append(float(np.argmax(sums / lengths) == example.label))
+        start += len(example.continuations)
+    return {'acc': float(np.mean(correct)), 'acc_stderr': standard_error(correct),
+            'acc_norm': float(np.mean(correct_norm)), 'acc_norm_stderr': standard_error(correct_norm)}
+
+
+def standard_error(values):
+    """Sample standard deviation / sqrt(n), as the common harnesses report; None for a single example."""
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def evaluate_task(model, task, examples, requests, batch_size, device, autocast, progress=True):
+    """Accuracy of the full model and with each block skipped in turn (the paper's Figure 1)."""
+    model.eval()
+    L = model.config.n_layer
+    batches = math.ceil(len(requests) / batch_size)
+    with tqdm(total=(L + 1) * batches, desc=task, leave=False, disable=None if progress else True) as bar:
+        full = accuracies(examples, choice_loglikelihoods(model, requests, batch_size, device, autocast,
+                                                          progress=bar))
+        layers = []
+        for l in range(1, L + 1):
+            scores = choice_loglikelihoods(model, requests, batch_size, device, autocast, {l}, progress=bar)
+            without = accuracies(examples, scores)
+            layers.append({'block': l, **without, 'acc_drop': full['acc'] - without['acc'],
+                           'acc_norm_drop': full['acc_norm'] - without['acc_norm']})
+    chance = float(np.mean([1 / len(example.continuations) for example in examples]))
+    return {'name': task, 'examples': len(examples), 'chance': chance, **full, 'layers': layers}
+
+
 # ----------------------------------------------------------------------------- output
 
 def format_table(results):
-    """One header line per model, then one table: per block, each model's drop, distance and variance."""
-    lines = []
-    for i, r in enumerate(results, start=1):
-        lines.append(f"[{i}] {r['name']}: {r['description']}; {r['tokens']:,} tokens, loss {r['base_loss']:.4f}, "
-                     f"perplexity {r['base_perplexity']:.2f}")
-    header = f"{'block':>5}" + ''.join(f" | [{i}] {'drop':>8} {'ang.next':>8} {'variance':>10}"
+    """One header line per model, then one table: per block, each model's loss drop, distance and variance, and
+    its task accuracies with the block removed."""
+    lines = [f"[{i}] {r['name']}: {summary(r)}" for i, r in enumerate(results, start=1)]
+    loss, task = 'layers' in results[0], 'task' in results[0]
+    titles = ([('drop', 8), ('ang.next', 8), ('variance', 10)] if loss else []) + \
+             ([('acc', 6), ('acc_norm', 8)] if task else [])
+    header = f"{'block':>5}" + ''.join(f" | [{i}]" + ''.join(f" {t:>{w}}" for t, w in titles)
                                         for i in range(1, len(results) + 1))
-    lines += ['', 'drop: loss increase with the block removed; ang.next: angular distance between the block\'s input '
-              'and output; variance: residual stream after the block', header, '-' * len(header)]
+    legend = []
+    if loss:
+        legend.append("drop: loss increase with the block removed; ang.next: angular distance between the block's "
+                      "input and output; variance: residual stream after the block")
+    if task:
+        legend.append(f"acc, acc_norm: {results[0]['task']['name']} accuracy with the block removed")
+    lines += [''] + legend + [header, '-' * len(header)]
     for l in range(1, max(r['n_layer'] for r in results) + 1):
         row = f"{l:>5}"
-        for r in results:
+        for i, r in enumerate(results, start=1):
+            cells = ''
             if l <= r['n_layer']:
-                layer = r['layers'][l - 1]
-                row += (f" | {'':3} {layer['loss_drop']:>+8.4f} {layer['angular_distance_next']:>8.3f} "
-                        f"{layer['variance']:>10.4g}")
-            else:
-                row += ' | ' + ' ' * 32
-        lines.append(row)
+                if loss:
+                    layer = r['layers'][l - 1]
+                    cells += (f" {layer['loss_drop']:>+8.4f} {layer['angular_distance_next']:>8.3f} "
+                              f"{layer['variance']:>10.4g}")
+                if task:
+                    layer = r['task']['layers'][l - 1]
+                    cells += f" {layer['acc']:>6.3f} {layer['acc_norm']:>8.3f}"
+            row += f" | {'':{len(str(i)) + 2}}" + cells.ljust(sum(w + 1 for _, w in titles))
+        lines.append(row.rstrip())
     return '\n'.join(lines)
 
 
+def summary(r):
+    """The model, and its full-model numbers: loss and perplexity, task accuracies with standard errors."""
+    parts = [r['description']]
+    if 'base_loss' in r:
+        parts.append(f"{r['tokens']:,} tokens, loss {r['base_loss']:.4f}, perplexity {r['base_perplexity']:.2f}")
+    if 'task' in r:
+        t = r['task']
+        parts.append(f"{t['name']} on {t['examples']} examples (chance {t['chance']:.3f}): "
+                     f"acc {with_error(t['acc'], t['acc_stderr'])}, "
+                     f"acc_norm {with_error(t['acc_norm'], t['acc_norm_stderr'])}")
+    return '; '.join(parts)
+
+
+def with_error(value, stderr):
+    return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
+
+
 def write_plots(results, folder):
-    """PNGs with titles, axes and legends: layer drop, angular distance (heatmaps and n = 1), variance."""
+    """PNGs with titles, axes and legends; every range follows the data. Layer drop, angular distance (heatmaps
+    and n = 1) and variance with the loss analyses; accuracy per removed block with a task."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     os.makedirs(folder, exist_ok=True)
     paths = []
+    if 'layers' in results[0]:
+        paths += plot_loss_analyses(plt, results, folder)
+    if 'task' in results[0]:
+        paths.append(plot_task(plt, results, folder))
+    return paths
 
+
+def plot_loss_analyses(plt, results, folder):
+    paths = []
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(results)
     for i, r in enumerate(results):
@@ -292,13 +639,16 @@ def write_plots(results, folder):
     ax.legend()
     paths.append(save_figure(fig, folder, 'layer_drop.png'))
 
+    heatmaps = [np.array([[np.nan if v is None else v for v in row] for row in r['angular_distance']])
+                for r in results]
+    # one color scale for all models, spanning the distances measured
+    low, high = min(np.nanmin(h) for h in heatmaps), max(np.nanmax(h) for h in heatmaps)
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results) + 1, 4.5), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        heatmap = np.array([[np.nan if v is None else v for v in row] for row in r['angular_distance']])
-        image = ax.imshow(heatmap.T, origin='lower', aspect='auto', vmin=0, vmax=1, cmap='viridis',
-                          extent=(0.5, heatmap.shape[0] + 0.5, 0.5, heatmap.shape[1] + 0.5))
+    for ax, r, heatmap in zip(axes[0], results, heatmaps):
+        image = ax.imshow(heatmap.T, origin='lower', aspect='auto', vmin=low, vmax=max(high, low + 1e-6),
+                          cmap='viridis', extent=(0.5, heatmap.shape[0] + 0.5, 0.5, heatmap.shape[1] + 0.5))
         ax.set(title=r['name'], xlabel='block l', ylabel='distance n (blocks)')
-    fig.colorbar(image, ax=axes[0].tolist(), label='angular distance (0 to 1)')
+    fig.colorbar(image, ax=axes[0].tolist(), label='angular distance (0 = same direction, 1 = opposite)')
     fig.suptitle('Angular distance between the inputs of blocks l and l+n')
     paths.append(save_figure(fig, folder, 'angular_distance.png', tight=False))
 
@@ -311,13 +661,32 @@ def write_plots(results, folder):
                          [r['embedding_variance']] + [layer['variance'] for layer in r['layers']], marker='o',
                          label=r['name'])
     ax_distance.set(title="Angular distance between each block's input and output", xlabel='block l',
-                    ylabel='angular distance (0 = unchanged direction)', ylim=(0, None))
+                    ylabel='angular distance (0 = unchanged direction)')
     ax_variance.set(title='Variance of the residual stream by depth', xlabel='after block l (0 = embeddings)',
                     ylabel='variance', yscale='log')
     for ax in (ax_distance, ax_variance):
         ax.legend()
     paths.append(save_figure(fig, folder, 'depth_profile.png'))
     return paths
+
+
+def plot_task(plt, results, folder):
+    """Accuracy with each block removed (points with standard errors), each model's full accuracy (dashed) and
+    chance (dotted), for acc and acc_norm side by side."""
+    task = results[0]['task']
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric in zip(axes, ('acc', 'acc_norm')):
+        for r in results:
+            layers = r['task']['layers']
+            line = ax.errorbar([layer['block'] for layer in layers], [layer[metric] for layer in layers],
+                               yerr=[layer[f'{metric}_stderr'] or 0 for layer in layers], marker='o', capsize=2,
+                               label=r['name'])
+            ax.axhline(r['task'][metric], color=line[0].get_color(), linestyle='--', linewidth=1)
+        ax.axhline(task['chance'], color='gray', linestyle=':', linewidth=1, label='chance')
+        ax.set(title=f"{task['name']} {metric} with one block removed ({task['examples']} examples)",
+               xlabel='block removed (l)', ylabel=f'{metric} (dashed: full model)')
+        ax.legend()
+    return save_figure(fig, folder, f"{task['name']}_accuracy.png")
 
 
 def save_figure(fig, folder, name, tight=True):
@@ -335,14 +704,18 @@ def save_figure(fig, folder, name, tight=True):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument('models', nargs='+', help='run folders, ckpt.pt files, Hugging Face folders or hub ids')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--data', help="a prepared data folder; its val.bin is used")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('--data', help="a prepared data folder; its val.bin is used (default: the validation split "
+                                       "the checkpoints were trained on)")
     source.add_argument('--text', help="a text file, tokenized with each model's tokenizer")
     parser.add_argument('--tokens', type=int, default=32768, help='token budget per model (default 32768)')
     parser.add_argument('--block_size', type=int, help="window length (default: min(256, each model's block_size))")
     parser.add_argument('--batch_size', type=int, default=8)
     parser.add_argument('--max_distance', type=int, default=8, help='largest n in the angular-distance heatmap')
     parser.add_argument('--last_k', type=int, default=0, help='also remove the last 1..K blocks together')
+    parser.add_argument('--task', choices=sorted(TASKS), help='zero-shot multiple-choice accuracy per removed block')
+    parser.add_argument('--task_file', help="a local copy of the task's file, in the benchmark's own format")
+    parser.add_argument('--task_limit', type=int, help='evaluate this many examples, spread over the file')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', ...")
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--json', help='write every number, with the settings, to this file')
@@ -351,8 +724,11 @@ def parse_args(argv):
     for name in ('tokens', 'batch_size', 'max_distance'):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    if args.block_size is not None and args.block_size < 1:
-        raise UserError("--block_size must be at least 1")
+    for name in ('block_size', 'task_limit'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if (args.task_file or args.task_limit) and not args.task:
+        raise UserError("--task_file and --task_limit need --task NAME")
     return args
 
 
@@ -360,25 +736,38 @@ def run(args):
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           'cpu' if args.device == 'auto' else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
-    loaded = [load_model(spec, device) for spec in args.models]
+    loaded = [load_model(spec, device, name) for spec, name in zip(args.models, run_names(args.models))]
+    measure_loss = bool(args.data or args.text or not args.task)
+    data = args.data or (recorded_data_folder(loaded) if measure_loss and not args.text else None)
     block_size = args.block_size or min([256] + [m.model.config.block_size for m in loaded])
     for m in loaded:
-        if block_size > m.model.config.block_size:
+        if measure_loss and block_size > m.model.config.block_size:
             raise UserError(f"--block_size {block_size} exceeds {m.name}'s block_size {m.model.config.block_size}")
+    examples = read_task(args.task, args.task_file, args.task_limit) if args.task else None
     results = []
     for m in loaded:
-        tokens = (tokens_from_data_folder(args.data, m, args.tokens) if args.data
-                  else tokens_from_text(args.text, m, args.tokens))
-        x, y = windows(tokens, block_size)
-        print(f"{m.name}: {x.numel():,} tokens in {len(x)} windows of {block_size}", file=sys.stderr)
-        result = analyze(m.model, x, y, args.batch_size, device, autocast, args.max_distance, args.last_k)
-        results.append({'name': m.name, 'description': m.description, 'tokenizer': m.tokenizer,
-                        'norm_scheme': m.model.config.norm_scheme, 'arch': m.model.config.arch, **result})
+        result = {'name': m.name, 'description': m.description, 'tokenizer': m.tokenizer,
+                  'norm_scheme': m.model.config.norm_scheme, 'arch': m.model.config.arch,
+                  'n_layer': m.model.config.n_layer}
+        if measure_loss:
+            tokens = tokens_from_data_folder(data, m, args.tokens) if data else tokens_from_text(args.text, m,
+                                                                                               args.tokens)
+            x, y = windows(tokens, block_size)
+            print(f"{m.name}: {x.numel():,} tokens of {data or args.text} in {len(x)} windows of {block_size}",
+                  file=sys.stderr)
+            result.update(analyze(m.model, x, y, args.batch_size, device, autocast, args.max_distance, args.last_k))
+        if examples:
+            requests = task_requests(examples, m, args.task, m.model.config.block_size)
+            print(f"{m.name}: {args.task}, {len(examples)} examples, {len(requests)} choices, "
+                  f"{m.model.config.n_layer + 1} passes", file=sys.stderr)
+            result['task'] = evaluate_task(m.model, args.task, examples, requests, args.batch_size, device, autocast)
+        results.append(result)
     print(format_table(results))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ('json', 'plot')}
         with open(args.json, 'w') as f:
-            json.dump({'settings': {**settings, 'block_size': block_size}, 'models': results}, f, indent=1)
+            json.dump({'settings': {**settings, 'data': data, 'block_size': block_size}, 'models': results}, f,
+                      indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         for path in write_plots(results, args.plot):
