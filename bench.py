@@ -23,7 +23,7 @@ import time
 import torch
 
 import train
-from model import GPT, NORM_SCHEMES
+from model import NORM_SCHEMES
 
 # the configs of README's table: the default training run, and a wider model with longer sequences
 TABLE_CONFIGS = {
@@ -68,10 +68,7 @@ def bench(cfg, steps, warmup):
         vocab_size = 50304
     config = train.model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
-    model = GPT(config).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    autocast, scaler = train.mixed_precision(cfg.dtype, device)
+    model, optimizer, autocast, scaler = train.build_model(cfg, config, device)
     train_model = torch.compile(model) if cfg.compile else model
     batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
                for _ in range(cfg.gradient_accumulation_steps)]

@@ -56,6 +56,9 @@ class GPTConfig:
     layerscale: bool = False             # a learnable per-channel scale on each residual branch (CaiT)
     layerscale_init: Optional[float] = None  # None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
     skipinit: bool = False               # a learnable scalar on each residual branch, initialised 1/sqrt(L)
+    # the authors' code differs from the paper's text here (see README, "The authors' recipe")
+    embedding_init_std: float = 0.02     # std of the token (and position) embeddings' init; the authors': 0.632
+    train_norm_gains: bool = True        # False: norm weights stay at 1 (pure bf16 training leaves them there)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -101,6 +104,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, not {self.norm_eps}")
+        if self.embedding_init_std <= 0:
+            raise ValueError(f"embedding_init_std must be positive, not {self.embedding_init_std}")
 
     def to_dict(self):
         return asdict(self)
@@ -149,7 +154,7 @@ class Norm(nn.Module):
         self.rms = config.arch == 'llama'
         self.eps = config.norm_eps
         self.scale = float(scale)
-        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.weight = nn.Parameter(torch.ones(config.n_embd), requires_grad=config.train_norm_gains)
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
 
     def forward(self, x):
@@ -284,10 +289,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """normal(0, 0.02) for every matrix and embedding, zero biases, unit norm weights; then init_scheme's
-        residual-output projections, or DeepNet's Xavier init under deepnorm."""
+        """normal(0, 0.02) for every matrix, normal(0, embedding_init_std) for the embeddings, zero biases, unit
+        norm weights; then init_scheme's residual-output projections, or DeepNet's Xavier init under deepnorm."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
+            elif isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:  # a tied head is the embedding
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -74,6 +74,8 @@ class TrainConfig:
     layerscale: bool = False
     layerscale_init: Optional[float] = None
     skipinit: bool = False
+    embedding_init_std: float = 0.02
+    train_norm_gains: bool = True
     # AdamW
     learning_rate: float = 2e-3            # peak learning rate
     max_iters: int = 1500                  # optimizer steps in all
@@ -88,7 +90,8 @@ class TrainConfig:
     min_lr: float = 2e-4                   # the floor; commonly learning_rate / 10
     # system
     device: str = 'auto'                   # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
-    dtype: str = 'float32'                 # 'float32', 'bfloat16' or 'float16' (autocast)
+    dtype: str = 'float32'                 # 'float32', 'bfloat16' or 'float16' (autocast over float32 weights), or
+                                           # 'pure_bfloat16': weights, gradients and Adam's state all bf16 (the authors')
     compile: bool = False                  # torch.compile the model
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
@@ -97,7 +100,7 @@ class TrainConfig:
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 
 
@@ -395,8 +398,22 @@ def mixed_precision(dtype, device):
     """(autocast context, grad scaler) for dtype; also allows TF32 matmuls on GPUs (CPU float32 stays exact)."""
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
+        device.type, dtype=getattr(torch, dtype))
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+
+
+def build_model(cfg, config, device):
+    """(model, optimizer, autocast, scaler) as cfg asks, the weights drawn from the current seed."""
+    model = GPT(config).to(device)
+    if cfg.dtype == 'pure_bfloat16':
+        # no fp32 master copy: an Adam step below half a bf16 spacing (2^-8 just under 1) rounds away, so norm gains
+        # of 1 stay exactly 1 at lr 1e-3 (README, "The authors' recipe")
+        model.to(torch.bfloat16)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    autocast, scaler = mixed_precision(cfg.dtype, device)
+    return model, optimizer, autocast, scaler
 
 
 _log_lock = threading.Lock()  # the checkpoint writer's thread logs too
@@ -415,11 +432,8 @@ def train(cfg, dist, device):
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = GPT(config).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    model, optimizer, autocast, scaler = build_model(cfg, config, device)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    autocast, scaler = mixed_precision(cfg.dtype, device)
     # the same data offsets in every process (see train_batches): no two processes see the same windows, and N
     # processes see exactly what one process with N times the micro-steps would
     sampler = torch.Generator().manual_seed(cfg.seed)

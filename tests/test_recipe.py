@@ -1,0 +1,64 @@
+"""The authors' recipe, part by part: pure bf16 training, the embedding's init std, frozen norm gains."""
+
+import pytest
+import torch
+
+import train
+from conftest import read_log
+from model import GPT, GPTConfig, read_checkpoint
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+        '--device=cpu', '--warmup_iters=0', '--decay_lr=False', '--weight_decay=0', '--grad_clip=0',
+        '--beta2=0.999', '--norm_scheme=pre', '--arch=llama']
+
+
+def norm_weights(state):
+    return {name: weight for name, weight in state.items() if name.endswith('norm.weight')}
+
+
+def train_tiny(tmp_path, char_data, *extra, steps=20):
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', f'--max_iters={steps}',
+                   f'--eval_interval={steps}', *extra]
+    assert train.main(argv) == 0
+    return read_checkpoint(tmp_path / 'ckpt.pt')
+
+
+def test_pure_bf16_keeps_weights_gradients_and_adam_state_in_bf16(tmp_path, char_data):
+    checkpoint = train_tiny(tmp_path, char_data, '--dtype=pure_bfloat16', '--learning_rate=1e-3')
+    assert {t.dtype for t in checkpoint['model'].values()} == {torch.bfloat16}
+    moments = [s[key] for s in checkpoint['optimizer']['state'].values() for key in ('exp_avg', 'exp_avg_sq')]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    val = [r['val_loss'] for r in read_log(tmp_path) if 'val_loss' in r]
+    assert val[-1] < val[0]  # it still learns
+
+
+def test_pure_bf16_adam_steps_of_lr_1e3_round_away_on_norm_gains_of_1(tmp_path, char_data):
+    """bf16 values just below 1 are 2^-8 apart: a step of about 1e-3 rounds back to exactly 1."""
+    pure = train_tiny(tmp_path / 'pure', char_data, '--dtype=pure_bfloat16', '--learning_rate=1e-3')
+    assert all(torch.equal(w, torch.ones_like(w)) for w in norm_weights(pure['model']).values())
+    mixed = train_tiny(tmp_path / 'mixed', char_data, '--dtype=bfloat16', '--learning_rate=1e-3')
+    moved = [name for name, w in norm_weights(mixed['model']).items() if not torch.equal(w, torch.ones_like(w))]
+    assert len(moved) == len(norm_weights(mixed['model']))  # under autocast every gain trains
+
+
+def test_frozen_norm_gains_stay_1_and_the_rest_trains(tmp_path, char_data):
+    checkpoint = train_tiny(tmp_path, char_data, '--train_norm_gains=False', '--learning_rate=1e-2')
+    assert all(torch.equal(w, torch.ones_like(w)) for w in norm_weights(checkpoint['model']).values())
+    model = GPT(GPTConfig(arch='llama', n_layer=2, n_head=2, n_embd=32, train_norm_gains=False))
+    optimized = {id(p) for group in model.configure_optimizer(0.0, 1e-3, (0.9, 0.99), 'cpu').param_groups
+                 for p in group['params']}
+    assert all((id(p) in optimized) == (not name.endswith('norm.weight')) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize('arch', ['gpt', 'llama'])
+def test_embeddings_start_at_embedding_init_std_and_matrices_at_002(arch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch=arch, n_layer=2, n_head=4, n_embd=64, vocab_size=4096, block_size=256,
+                          tie_embeddings=False, embedding_init_std=0.632))
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.632, rel=0.02)
+    if arch == 'gpt':
+        assert model.pos_emb.weight.std().item() == pytest.approx(0.632, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match='embedding_init_std must be positive'):
+        GPTConfig(embedding_init_std=0)
