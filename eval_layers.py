@@ -177,23 +177,23 @@ def load_model(spec, device, name=None):
 
 def run_names(specs):
     """Short names for tables and legends: a run's folder name (for a checkpoint file other than ckpt.pt, the folder
-    and the file's stem), with parent folders added while two names coincide; a hub id stays whole."""
-    paths = []
+    and the file's stem), with parent folders added to names that coincide; a hub id stays whole."""
+    paths, depths = [], []
     for spec in specs:
-        if not os.path.exists(spec):
-            paths.append(([spec], 1))
-            continue
-        parts = os.path.normpath(os.path.abspath(spec)).split(os.sep)
-        if os.path.isfile(spec):
-            stem = os.path.splitext(parts[-1])[0]
-            paths.append((parts[:-1], 1) if parts[-1] == 'ckpt.pt' else (parts[:-1] + [stem], 2))
+        parts = os.path.normpath(os.path.abspath(spec)).split(os.sep) if os.path.exists(spec) else [spec]
+        if os.path.isfile(spec) and parts[-1] != 'ckpt.pt':
+            parts, depth = parts[:-1] + [os.path.splitext(parts[-1])[0]], 2
         else:
-            paths.append((parts, 1))
-    for extra in range(max(len(parts) for parts, _ in paths)):
-        names = ['/'.join(parts[-(depth + extra):]) for parts, depth in paths]
-        if len(set(names)) == len(names):
+            parts, depth = (parts[:-1] if os.path.isfile(spec) else parts), 1
+        paths.append(parts)
+        depths.append(depth)
+    while True:
+        names = ['/'.join(parts[-depth:]) for parts, depth in zip(paths, depths)]
+        clashing = [i for i, name in enumerate(names) if names.count(name) > 1 and depths[i] < len(paths[i])]
+        if not clashing:
             return names
-    return list(specs)
+        for i in clashing:
+            depths[i] += 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -464,8 +464,8 @@ def read_task(name, task_file, limit):
         try:
             download(task, path)
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"could not download {name} from {task.url} ({type(error).__name__}); download the "
-                            f"benchmark's file yourself and pass --task_file") from None
+            raise UserError(f"could not download {name} from {task.url} ({error}); download the benchmark's file "
+                            f"yourself and pass --task_file") from None
     try:
         examples = task.read(path)
     except (OSError, UnicodeDecodeError, tarfile.TarError) as error:
@@ -637,6 +637,7 @@ def plot_loss_analyses(plt, results, folder):
            ylabel='validation loss increase (nats)')
     ax.axhline(0, color='black', linewidth=0.6)
     ax.legend()
+    whole_blocks(ax.xaxis)
     paths.append(save_figure(fig, folder, 'layer_drop.png'))
 
     heatmaps = [np.array([[np.nan if v is None else v for v in row] for row in r['angular_distance']])
@@ -648,6 +649,7 @@ def plot_loss_analyses(plt, results, folder):
         image = ax.imshow(heatmap.T, origin='lower', aspect='auto', vmin=low, vmax=max(high, low + 1e-6),
                           cmap='viridis', extent=(0.5, heatmap.shape[0] + 0.5, 0.5, heatmap.shape[1] + 0.5))
         ax.set(title=r['name'], xlabel='block l', ylabel='distance n (blocks)')
+        whole_blocks(ax.xaxis, ax.yaxis)
     fig.colorbar(image, ax=axes[0].tolist(), label='angular distance (0 = same direction, 1 = opposite)')
     fig.suptitle('Angular distance between the inputs of blocks l and l+n')
     paths.append(save_figure(fig, folder, 'angular_distance.png', tight=False))
@@ -666,6 +668,7 @@ def plot_loss_analyses(plt, results, folder):
                     ylabel='variance', yscale='log')
     for ax in (ax_distance, ax_variance):
         ax.legend()
+        whole_blocks(ax.xaxis)
     paths.append(save_figure(fig, folder, 'depth_profile.png'))
     return paths
 
@@ -686,7 +689,15 @@ def plot_task(plt, results, folder):
         ax.set(title=f"{task['name']} {metric} with one block removed ({task['examples']} examples)",
                xlabel='block removed (l)', ylabel=f'{metric} (dashed: full model)')
         ax.legend()
+        whole_blocks(ax.xaxis)
     return save_figure(fig, folder, f"{task['name']}_accuracy.png")
+
+
+def whole_blocks(*axes):
+    """Ticks at whole block numbers only."""
+    from matplotlib.ticker import MaxNLocator
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(fig, folder, name, tight=True):

@@ -1,4 +1,5 @@
-"""eval_layers.py: layer drop, angular distance and depth statistics against independent computations."""
+"""eval_layers.py: layer drop, angular distance and depth statistics against independent computations; which data,
+names and tokenizers it picks. The downstream tasks are in test_tasks.py."""
 
 import copy
 import json
@@ -12,8 +13,7 @@ import torch.nn.functional as F
 
 import eval_layers
 import train
-from conftest import ROOT
-from model import GPT, read_checkpoint
+from model import GPT, GPTConfig, read_checkpoint
 
 TINY = ['--n_layer=4', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
         '--device=cpu', '--warmup_iters=5', '--learning_rate=1e-2', '--max_iters=40', '--eval_interval=40']
@@ -104,10 +104,9 @@ def test_command_line_compares_models_and_writes_json_and_plots(trained, tmp_pat
         assert (plots / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_text_is_tokenized_with_the_models_own_character_table(trained, tmp_path, capsys):
+def test_text_is_tokenized_with_the_models_own_character_table(trained, tmp_path, capsys, char_text):
     text = tmp_path / 'text.txt'
-    text.write_text(open(os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare',
-                                      'input.txt')).read()[:3000])
+    text.write_text(open(char_text).read()[:3000])
     assert eval_layers.main([str(trained / 'lns'), '--text', str(text), '--tokens', '512', '--device', 'cpu']) == 0
     strange = tmp_path / 'strange.txt'
     strange.write_text('naïve café ' * 100)
@@ -159,3 +158,73 @@ def test_a_hugging_face_gpt2_folder_is_analyzed_on_text_with_gpt2_bpe(tmp_path, 
     model = json.loads(json_path.read_text())['models'][0]
     assert model['tokenizer'] == 'gpt2' and model['n_layer'] == 3 and model['tokens'] == 256
     assert model['base_loss'] == pytest.approx(math.log(50257), abs=0.5)  # a random model: near uniform
+
+
+def test_with_neither_data_nor_text_the_validation_split_the_runs_were_trained_on_is_used(trained, tmp_path,
+                                                                                          char_data):
+    recorded, explicit = tmp_path / 'recorded.json', tmp_path / 'explicit.json'
+    runs = [str(trained / 'pre'), str(trained / 'lns')]
+    assert eval_layers.main(runs + ['--tokens', '512', '--device', 'cpu', '--json', str(recorded)]) == 0
+    assert eval_layers.main(runs + ['--data', char_data, '--tokens', '512', '--device', 'cpu',
+                                    '--json', str(explicit)]) == 0
+    recorded, explicit = json.loads(recorded.read_text()), json.loads(explicit.read_text())
+    assert recorded['settings']['data'] == char_data
+    assert [m['base_loss'] for m in recorded['models']] == [m['base_loss'] for m in explicit['models']]
+
+
+def with_train_config(trained, tmp_path, name, **changes):
+    """A copy of the lns run whose checkpoint records other training settings."""
+    checkpoint = read_checkpoint(trained / 'lns' / 'ckpt.pt')
+    checkpoint['train_config'] = {**checkpoint['train_config'], **changes}
+    os.makedirs(tmp_path / name)
+    torch.save(checkpoint, tmp_path / name / 'ckpt.pt')
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize('changes, words', [
+    (dict(data_dir='/elsewhere/shakespeare_char'), ['lns was trained on', 'but other on /elsewhere/', '--data']),
+    (dict(data_dir='', dataset='never_prepared'), ['never_prepared, which is missing or not prepared']),
+])
+def test_recorded_data_that_differs_or_is_missing_is_refused_in_one_sentence(trained, tmp_path, capsys, changes,
+                                                                              words):
+    other = with_train_config(trained, tmp_path, 'other', **changes)
+    models = [str(trained / 'lns'), other] if 'data_dir' in changes and changes['data_dir'] else [other]
+    assert eval_layers.main(models + ['--device', 'cpu']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and all(w in err for w in words), err
+
+
+def test_runs_are_named_by_folder_with_parents_only_where_names_coincide(tmp_path):
+    for folder in ('seed0/lns', 'seed1/lns', 'sweep/pre'):
+        os.makedirs(tmp_path / folder)
+    for name in ('ckpt.pt', 'ckpt_000500.pt'):
+        (tmp_path / 'sweep' / 'pre' / name).write_bytes(b'')
+    specs = [tmp_path / 'seed0' / 'lns', f"{tmp_path / 'seed1' / 'lns'}/", tmp_path / 'sweep' / 'pre' / 'ckpt.pt',
+             tmp_path / 'sweep' / 'pre' / 'ckpt_000500.pt', 'openai-community/gpt2']
+    assert eval_layers.run_names([str(s) for s in specs]) == ['seed0/lns', 'seed1/lns', 'pre', 'pre/ckpt_000500',
+                                                              'openai-community/gpt2']
+
+
+def test_an_exported_character_model_reads_text_with_its_own_tokenizer_json(trained, tmp_path, char_text):
+    """An exported gpt-arch char model is a 'gpt2' folder, yet its tokenizer.json, not GPT-2's BPE, reads the
+    text: the loss equals the checkpoint's on the same text."""
+    from hf import to_hf
+    checkpoint = read_checkpoint(trained / 'lns' / 'ckpt.pt')
+    to_hf(GPT.from_checkpoint(checkpoint), tmp_path / 'hf', checkpoint['data_meta'])
+    text = tmp_path / 'text.txt'
+    text.write_text(open(char_text).read()[:3000])
+    losses = []
+    for model in (str(trained / 'lns'), str(tmp_path / 'hf')):
+        json_path = tmp_path / 'layers.json'
+        assert eval_layers.main([model, '--text', str(text), '--tokens', '1024', '--device', 'cpu',
+                                 '--json', str(json_path)]) == 0
+        losses.append(json.loads(json_path.read_text())['models'][0]['base_loss'])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
+def test_a_hugging_face_folder_without_data_or_text_is_asked_for_them(tmp_path, capsys):
+    from hf import to_hf
+    to_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50)), tmp_path / 'hf')
+    assert eval_layers.main([str(tmp_path / 'hf'), '--device', 'cpu']) == 1
+    err = capsys.readouterr().err
+    assert 'hf records no training data; pass --data FOLDER or --text FILE' in err and err.count('\n') == 1, err
