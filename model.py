@@ -249,6 +249,11 @@ class Block(nn.Module):
             self.mlp_gain = nn.Parameter(torch.tensor(1 / math.sqrt(config.n_layer)))
         self.dropout = nn.Dropout(config.dropout)
 
+    def effective_norm_gain(self):
+        """The mean gain of the block's norms as the residual stream feels it: weight times the LNS factor."""
+        norms = [m for m in self.modules() if isinstance(m, Norm)]
+        return sum((norm.weight.float() * norm.scale).mean().item() for norm in norms) / len(norms)
+
     def branch(self, y, gain):
         """What a sublayer adds to the residual stream: its output after dropout, times the learnable gain
         (layerscale, skipinit) and the sublayer LNS factor when those are on."""

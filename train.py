@@ -38,6 +38,8 @@ class TrainConfig:
     out_dir: str = 'out'                   # ckpt.pt and log.jsonl go here
     eval_interval: int = 250               # evaluate every this many iterations, and at the end
     eval_iters: int = 20                   # batches per split in each evaluation; the same batches every time
+    eval_tokens: int = 0                   # rows layout: evaluate on validation rows until more than this many
+                                           # non-pad tokens (the authors' rule; 0: eval_iters batches)
     log_interval: int = 25                 # print and log the training loss every this many iterations
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
@@ -232,17 +234,76 @@ def open_tokens(data_dir, split):
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 
 
-def read_windows(tokens, offsets, block_size):
-    """Inputs and next-token targets, (len(offsets), block_size) int64 each, starting at the given offsets."""
-    windows = np.stack([tokens[i:i + block_size + 1] for i in offsets.numpy()]).astype(np.int64)
-    windows = torch.from_numpy(windows)
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+class TokenData:
+    """A prepared dataset in one of the two layouts its meta.json names (data/c4/prepare.py writes both):
+    - 'packed': documents end to end; a sequence is a window at a random offset, drawn with replacement;
+    - 'rows': the authors' layout, one document per row of row_length tokens, right-padded; a sequence is a whole
+      row, with no loss where the target is a pad, and the rows are visited in a shuffled order without
+      replacement, a new order for each pass (like the authors' one-pass stream)."""
 
+    def __init__(self, data_dir, meta, seed):
+        self.dir, self.seed = data_dir, seed
+        self.layout = meta.get('layout', 'packed')
+        self.row_length, self.pad_id = meta.get('row_length'), meta.get('pad_id')
+        self._order = (None, None)  # (pass, its row order): the pass in use
 
-def read_batch(tokens, offsets, block_size, device):
-    """read_windows, copied to the device (pinned, without waiting, on a GPU)."""
-    x, y = read_windows(tokens, offsets, block_size)
-    return to_device(x, device), to_device(y, device)
+    def tokens(self, split):
+        tokens = open_tokens(self.dir, split)
+        return tokens.reshape(-1, self.row_length) if self.layout == 'rows' else tokens
+
+    def train_sequences(self, iter_num, count, block_size, sampler):
+        """Where the `count` sequences of iteration iter_num's global batch start: token offsets drawn from the
+        sampler (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
+        if self.layout == 'packed':
+            return random_offsets(self.tokens('train'), count, block_size, sampler)
+        n_rows = len(self.tokens('train'))
+        positions = iter_num * count + np.arange(count)
+        rows = np.empty(count, dtype=np.int64)
+        for data_pass in np.unique(positions // n_rows):
+            here = positions // n_rows == data_pass
+            rows[here] = self.row_order(data_pass, n_rows)[positions[here] % n_rows]
+        return torch.from_numpy(rows)
+
+    def row_order(self, data_pass, n_rows):
+        if self._order[0] != data_pass:
+            self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(n_rows))
+        return self._order[1]
+
+    def eval_batches(self, split, cfg, generator):
+        """The fixed evaluation batches of split: eval_iters batches at random places; for the rows layout's
+        validation split with eval_tokens set, rows in a fixed shuffled order, batch after batch until more than
+        eval_tokens non-pad tokens are in (the authors' rule)."""
+        tokens = self.tokens(split)
+        if self.layout == 'packed':
+            return [random_offsets(tokens, cfg.batch_size, cfg.block_size, generator) for _ in range(cfg.eval_iters)]
+        if split != 'val' or not cfg.eval_tokens:
+            return [torch.randint(len(tokens), (cfg.batch_size,), generator=generator) for _ in range(cfg.eval_iters)]
+        order = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))
+        batches, counted = [], 0
+        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            if counted > cfg.eval_tokens:
+                break
+            batch = order[start:start + cfg.batch_size]
+            counted += int((tokens[np.sort(batch)] != self.pad_id).sum())
+            batches.append(torch.from_numpy(batch))
+        if counted <= cfg.eval_tokens:
+            raise UserError(f"val.bin in {self.dir} holds {counted:,} non-pad tokens in whole batches, not more than "
+                            f"eval_tokens={cfg.eval_tokens:,}; lower eval_tokens or prepare more validation data")
+        return batches
+
+    def read(self, split, starts, block_size, device):
+        """Inputs and targets (batch, sequence) int64 on the device (pinned and copied without waiting on a GPU)."""
+        tokens = self.tokens(split)
+        if self.layout == 'packed':
+            windows = np.stack([tokens[i:i + block_size + 1] for i in starts.numpy()])
+            windows = torch.from_numpy(windows.astype(np.int64))
+            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        else:
+            x = torch.from_numpy(tokens[starts.numpy()].astype(np.int64))
+            y = torch.full_like(x, -1)
+            y[:, :-1] = x[:, 1:]
+            y[y == self.pad_id] = -1  # pads carry no loss; the row's last position has no next token
+        return to_device(x, device), to_device(y, device)
 
 
 def random_offsets(tokens, count, block_size, generator):
@@ -436,11 +497,10 @@ def train(cfg, dist, device):
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
     # the same data offsets in every process (see train_batches): no two processes see the same windows, and N
     # processes see exactly what one process with N times the micro-steps would
+    data = TokenData(data_dir, meta, cfg.seed)
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
-    eval_offsets = {split: [random_offsets(open_tokens(data_dir, split), cfg.batch_size, cfg.block_size,
-                                           eval_generator) for _ in range(cfg.eval_iters)]
-                    for split in ('train', 'val')}
+    eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
 
     iter_num, best_val_loss = 0, float('inf')
     if checkpoint is not None:
@@ -474,20 +534,9 @@ def train(cfg, dist, device):
             if (iter_num % cfg.eval_interval == 0 or last) and iter_num != resumed_at:
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)
-                losses = estimate_loss(model, data_dir, eval_offsets, cfg.block_size, device, autocast, dist)
-                if not math.isfinite(losses['val']):
-                    if dist.master:
-                        append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
-                    raise Diverged(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without "
-                                   f"saving (lower learning_rate or set grad_clip)")
-                improved = losses['val'] < best_val_loss
-                best_val_loss = min(best_val_loss, losses['val'])
-                if dist.master:
-                    print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    append_log(log_path, {'iter': iter_num, 'train_loss': losses['train'],
-                                          'val_loss': losses['val']})
-                    if cfg.wandb_log:
-                        wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+                val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
+                improved = val_loss < best_val_loss
+                best_val_loss = min(best_val_loss, val_loss)
                 if not cfg.always_save_checkpoint and improved and iter_num > 0:
                     save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
             if (cfg.always_save_checkpoint and (iter_num % (cfg.checkpoint_interval or cfg.eval_interval) == 0 or last)
@@ -503,7 +552,7 @@ def train(cfg, dist, device):
             for group in optimizer.param_groups:
                 group['lr'] = lr
             logging = (iter_num + 1) % cfg.log_interval == 0
-            batches = train_batches(sampler, data_dir, device, cfg, dist)
+            batches = train_batches(iter_num, sampler, data, device, cfg, dist)
             loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
                                          need_grad_norm=logging)
             health.record(loss, iter_num)
@@ -557,14 +606,13 @@ def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, di
     return loss_sum / micro_steps, grad_norm
 
 
-def train_batches(sampler, data_dir, device, cfg, dist):
-    """This process's micro-batches of the next step, read as they are needed: every process draws the offsets of
-    the whole global batch and takes its own share of the micro-steps."""
+def train_batches(iter_num, sampler, data, device, cfg, dist):
+    """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
+    sequences of the whole global batch and takes its own share of the micro-steps."""
     micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    tokens = open_tokens(data_dir, 'train')
-    offsets = random_offsets(tokens, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
-    mine = offsets.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
-    return (read_batch(tokens, batch, cfg.block_size, device) for batch in mine)
+    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
+    return (data.read('train', batch, cfg.block_size, device) for batch in mine)
 
 
 class Diverged(UserError):
@@ -640,24 +688,76 @@ def format_log_line(record):
             f"grad norm {record['grad_norm']:.3f}, {speed}")
 
 
+def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path):
+    """Evaluates, logs the losses and the per-block depth diagnostics, and returns the validation loss; a
+    non-finite one stops the run (Diverged) before anything is saved."""
+    losses = estimate_loss(model, data, eval_batches, cfg.block_size, device, autocast, dist)
+    if not math.isfinite(losses['val']):
+        if dist.master:
+            append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
+        raise Diverged(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without saving "
+                       f"(lower learning_rate or set grad_clip)")
+    if not dist.master:
+        return losses['val']
+    record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']}
+    line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+    if data.layout == 'rows':  # beside the authors' estimator, so that a number compares with their Table 1
+        record.update(val_ppl=math.exp(losses['val']), val_loss_authors=losses['val_authors'],
+                      val_ppl_authors=math.exp(losses['val_authors']))
+        line += f" (perplexity {record['val_ppl']:.2f}; the authors' estimator: {record['val_ppl_authors']:.2f})"
+    x, y = data.read('val', eval_batches['val'][0], cfg.block_size, device)
+    record.update(depth_diagnostics(model, x, y, autocast))
+    print(line)
+    append_log(log_path, record)
+    if cfg.wandb_log:
+        import wandb  # initialised by train()
+        wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+    return losses['val']
+
+
+def depth_diagnostics(model, x, y, autocast):
+    """Per block l = 1..L, on one fixed batch in eval mode: the variance of the residual stream after the block
+    (the paper's Figure 4), the mean effective gain of its norms (weight times the LNS factor), and the gradient
+    norm of its parameters. torch.autograd.grad leaves .grad alone, so training is untouched (DDP too)."""
+    model.eval()
+    with torch.enable_grad(), autocast:
+        _, loss, residuals = model(x, y, return_residuals=True, return_logits=False)
+        params = [[p for p in block.parameters() if p.requires_grad] for block in model.blocks]
+        grads = torch.autograd.grad(loss, [p for block in params for p in block], allow_unused=True)
+    grad_norms, i = [], 0
+    for block in params:
+        block_grads = [g.float() for g in grads[i:i + len(block)] if g is not None]
+        grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in block_grads])).item()
+                          if block_grads else 0.0)
+        i += len(block)
+    model.train()
+    return {'block_variance': [r.float().var(unbiased=False).item() for r in residuals[1:]],
+            'block_norm_gain': [block.effective_norm_gain() for block in model.blocks],
+            'block_grad_norm': grad_norms}
+
+
 @torch.no_grad()
-def estimate_loss(model, data_dir, eval_offsets, block_size, device, autocast, dist):
-    """Mean loss per split over the fixed evaluation batches, shared out among the processes."""
+def estimate_loss(model, data, eval_batches, block_size, device, autocast, dist):
+    """Per split, the mean loss per target token over its fixed evaluation batches, shared out among the processes;
+    and 'val_authors', the authors' estimator: the sum of per-batch mean losses over (batches + 1), which reads
+    slightly low."""
     model.eval()
     losses = {}
-    for split, batches in eval_offsets.items():
-        tokens = open_tokens(data_dir, split)
+    for split, batches in eval_batches.items():
         mine = batches[dist.rank::dist.world_size]
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x tokens, tokens, batch means, batches
         quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
-        for offsets in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
-            x, y = read_batch(tokens, offsets, block_size, device)
+        for starts in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
+            x, y = data.read(split, starts, block_size, device)
             with autocast:
                 _, loss = model(x, y, return_logits=False)
-            total[0] += loss.double()
-            total[1] += 1
-        total = all_reduce(total, dist).tolist()
-        losses[split] = total[0] / total[1]
+            tokens = (y >= 0).sum().double()
+            loss = loss.double()
+            sums += torch.stack([torch.where(tokens > 0, loss * tokens, 0.0), tokens, loss, torch.ones_like(loss)])
+        loss_tokens, tokens, batch_means, count = all_reduce(sums, dist).tolist()
+        losses[split] = loss_tokens / tokens
+        if split == 'val':
+            losses['val_authors'] = batch_means / (count + 1)
     model.train()
     return losses
 
@@ -766,8 +866,15 @@ def check_inputs(cfg, dist):
                         f"{config.vocab_size}; raise vocab_size or leave it unset")
     if cfg.block_size > config.block_size:
         raise UserError(f"block_size {cfg.block_size} exceeds the model's block_size {config.block_size}")
+    rows = meta.get('layout', 'packed') == 'rows'
+    if rows and cfg.block_size != meta['row_length']:
+        raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
+                        f"{cfg.block_size}; set block_size={meta['row_length']}")
     for split in ('train', 'val'):
         tokens = open_tokens(data_dir, split)
+        if rows and len(tokens) % meta['row_length']:
+            raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
+                            f"prepare the data again")
         if len(tokens) <= cfg.block_size:
             raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {cfg.block_size}; "
                             f"lower block_size or prepare more data")

@@ -79,7 +79,8 @@ def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatc
     health = train.TrainingHealth(torch.device('cpu'))
     counter = SyncCounter(monkeypatch)
     for iter_num in range(3):
-        batches = train.train_batches(torch.Generator(), char_data, torch.device('cpu'), cfg, train.Distributed())
+        data = train.TokenData(char_data, train.read_meta(char_data, 'shakespeare_char'), cfg.seed)
+        batches = train.train_batches(iter_num, torch.Generator(), data, torch.device('cpu'), cfg, train.Distributed())
         loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, batches, cfg,
                                            train.Distributed(), need_grad_norm=False)
         health.record(loss, iter_num)

@@ -62,3 +62,28 @@ def test_embeddings_start_at_embedding_init_std_and_matrices_at_002(arch):
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     with pytest.raises(ValueError, match='embedding_init_std must be positive'):
         GPTConfig(embedding_init_std=0)
+
+
+def test_each_evaluation_logs_per_block_variance_gain_and_gradient_norm(tmp_path, char_data):
+    """Checked against the saved model of the same iteration on the run's first validation batch."""
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=6', '--eval_interval=3',
+                   '--norm_scheme=lns', '--n_layer=3', '--learning_rate=1e-2']
+    assert train.main(argv) == 0
+    records = [r for r in read_log(tmp_path) if 'val_loss' in r]
+    assert [r['iter'] for r in records] == [0, 3, 6] and all(len(r['block_variance']) == 3 for r in records)
+    record = records[-1]
+    model = GPT.from_checkpoint(read_checkpoint(tmp_path / 'ckpt.pt')).eval()
+    cfg = train.parse_config(argv)
+    data = train.TokenData(char_data, train.read_meta(char_data, 'shakespeare_char'), cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    data.eval_batches('train', cfg, generator)  # drawn first, as in the run
+    x, y = data.read('val', data.eval_batches('val', cfg, generator)[0], cfg.block_size, torch.device('cpu'))
+    _, loss, residuals = model(x, y, return_residuals=True)
+    loss.backward()
+    for l, block in enumerate(model.blocks):
+        assert record['block_variance'][l] == pytest.approx(residuals[l + 1].var(unbiased=False).item(), rel=1e-4)
+        gains = [block.attn_norm.weight, block.mlp_norm.weight]
+        assert record['block_norm_gain'][l] == pytest.approx(
+            sum(g.mean().item() for g in gains) / 2 / (l + 1) ** 0.5, rel=1e-5)
+        grad = torch.cat([p.grad.flatten() for p in block.parameters()]).norm().item()
+        assert record['block_grad_norm'][l] == pytest.approx(grad, rel=1e-4)

@@ -1,0 +1,120 @@
+"""The authors' data layout in the trainer: one document per row, right-padded; pads carry no loss, every row is
+visited once per pass, resuming continues exactly, and both evaluation estimators equal hand computations."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from conftest import read_log
+from model import GPT, read_checkpoint
+
+ROW, PAD, EOS, VOCAB = 16, 0, 1, 24
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', f'--block_size={ROW}', '--batch_size=4', '--eval_iters=2',
+        '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3', '--arch=llama']
+
+
+def write_rows(folder, n_train=24, n_val=40, seed=0):
+    """Documents of 1 to 20 tokens (ids 2..VOCAB-1), each cut to ROW tokens with EOS kept last, right-padded."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (('train', n_train), ('val', n_val)):
+        rows = np.full((count, ROW), PAD, dtype=np.uint16)
+        for row in rows:
+            document = list(rng.integers(2, VOCAB, rng.integers(1, 21)))[:ROW - 1] + [EOS]
+            row[:len(document)] = document
+        rows.tofile(folder / f'{split}.bin')
+    (folder / 'meta.json').write_text(json.dumps({'layout': 'rows', 'row_length': ROW, 'pad_id': PAD,
+                                                  'eos_id': EOS, 'vocab_size': VOCAB, 'tokenizer': 'test'}))
+    return folder
+
+
+def rows_of(folder, split):
+    return np.fromfile(folder / f'{split}.bin', dtype=np.uint16).reshape(-1, ROW).astype(np.int64)
+
+
+def test_a_row_is_one_sequence_and_its_pads_carry_no_loss(tmp_path):
+    folder = write_rows(tmp_path)
+    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=0)
+    rows = rows_of(folder, 'train')
+    x, y = data.read('train', torch.tensor([3, 0, 5]), ROW, torch.device('cpu'))
+    assert torch.equal(x, torch.from_numpy(rows[[3, 0, 5]]))
+    for row, targets in zip(rows[[3, 0, 5]], y.tolist()):
+        length = int((row != PAD).sum())  # the document with its EOS
+        assert targets == list(row[1:length]) + [-1] * (ROW - length + 1)
+    torch.manual_seed(0)
+    model = GPT(train.model_config(train.parse_config(TINY), VOCAB))
+    logits, loss = model(x, y)
+    # by hand: the mean of -log p(next token) over the positions whose next token is a real one
+    terms = [-F.log_softmax(logits[b, t], -1)[y[b, t]] for b in range(3) for t in range(ROW) if y[b, t] >= 0]
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_rows_are_visited_once_per_pass_in_a_new_order_each_pass(tmp_path):
+    folder = write_rows(tmp_path, n_train=24)
+    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    batches = [data.train_sequences(i, 8, ROW, sampler=None).tolist() for i in range(6)]  # two passes of 3 steps
+    first, second = sum(batches[:3], []), sum(batches[3:], [])
+    assert sorted(first) == sorted(second) == list(range(24)) and first != second
+    # a global batch that straddles two passes: the end of one order, then the start of the next
+    assert data.train_sequences(2, 10, ROW, None).tolist() == first[20:] + second[:6]
+    again = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    assert again.train_sequences(4, 8, ROW, None).tolist() == batches[4]  # from the iteration alone
+
+
+def test_training_on_rows_resumes_exactly(tmp_path):
+    folder = write_rows(tmp_path / 'data')
+    common = TINY + [f'--data_dir={folder}', '--eval_interval=5', '--log_interval=1', '--dropout=0.1',
+                     '--lr_decay_iters=10', '--gradient_accumulation_steps=2']
+    whole, halves = tmp_path / 'whole', tmp_path / 'halves'
+    assert train.main(common + [f'--out_dir={whole}', '--max_iters=10']) == 0
+    assert train.main(common + [f'--out_dir={halves}', '--max_iters=5']) == 0
+    assert train.main(common + [f'--out_dir={halves}', '--max_iters=10', '--init_from=resume']) == 0
+    losses = lambda out: {r['iter']: r['loss'] for r in read_log(out) if 'loss' in r}  # noqa: E731
+    assert len(losses(whole)) == 10 and losses(halves) == losses(whole)
+
+
+def test_evaluation_reports_the_token_weighted_loss_and_the_authors_estimator(tmp_path):
+    folder = write_rows(tmp_path / 'data', n_val=40)
+    out = tmp_path / 'run'
+    eval_tokens = 60
+    assert train.main(TINY + [f'--data_dir={folder}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3',
+                              f'--eval_tokens={eval_tokens}', '--seed=5']) == 0
+    record = [r for r in read_log(out) if 'val_loss' in r][-1]
+    model = GPT.from_checkpoint(read_checkpoint(out / 'ckpt.pt')).eval()
+    # by hand: validation rows in the run's fixed order (seed + 1), batch after batch until more than
+    # eval_tokens non-pad tokens have gone in
+    rows = rows_of(folder, 'val')
+    order = np.random.default_rng(5 + 1).permutation(len(rows))
+    batches, seen = [], 0
+    while seen <= eval_tokens:
+        batch = rows[order[4 * len(batches):4 * len(batches) + 4]]
+        seen += int((batch != PAD).sum())
+        batches.append(batch)
+    token_losses, batch_means = [], []
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.from_numpy(batch)
+            logits, _ = model(x)
+            losses = [-F.log_softmax(logits[b, t], -1)[x[b, t + 1]] for b in range(len(batch))
+                      for t in range(ROW - 1) if x[b, t + 1] != PAD]
+            token_losses += losses
+            batch_means.append(torch.stack(losses).mean())
+    assert 1 < len(batches) < 10
+    assert record['val_loss'] == pytest.approx(torch.stack(token_losses).mean().item(), rel=1e-5)
+    assert record['val_loss_authors'] == pytest.approx(sum(batch_means).item() / (len(batches) + 1), rel=1e-5)
+    assert record['val_ppl'] == pytest.approx(math.exp(record['val_loss']))
+    assert record['val_loss_authors'] < record['val_loss']  # the estimator reads low
+
+
+def test_rows_layout_demands_one_row_per_sequence(tmp_path, capsys):
+    folder = write_rows(tmp_path / 'data')
+    assert train.main(TINY[:3] + ['--block_size=8', *TINY[4:], f'--data_dir={folder}',
+                                  f'--out_dir={tmp_path / "o"}']) == 1
+    assert 'set block_size=16' in capsys.readouterr().err
+    assert train.main(TINY + [f'--data_dir={folder}', f'--out_dir={tmp_path / "o"}', '--eval_tokens=100000']) == 1
+    assert 'lower eval_tokens or prepare more validation data' in capsys.readouterr().err
