@@ -1,0 +1,138 @@
+"""
+Text from a model, as nanoGPT's sample.py writes it: a run folder of train.py, a checkpoint file, or a Hugging Face
+folder (one that hf.py exported, or a pretrained GPT-2, Llama, Mistral or Qwen2 with its tokenizer.json).
+
+    python sample.py out/lns --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py out/lns --skip_layers=2,5          the same model without blocks 2 and 5
+    python sample.py hf/lns --start=FILE:prompt.txt --temperature=0
+
+--skip_layers replaces blocks (1-based, as in the paper) by the identity, as eval_layers.py's layer drop does:
+under the curse of depth, a model reads almost as well without one of its deep blocks as with it.
+"""
+
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from eval_layers import UserError, load_model
+
+
+@dataclass
+class SampleConfig:
+    start: str = '\n'               # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    temperature: float = 0.8        # below 1 sharpens the distribution, above 1 flattens it; 0 takes the argmax
+    top_k: Optional[int] = 200      # sample among the k most likely tokens only; None: among all
+    seed: int = 1337
+    skip_layers: str = ''           # block numbers to replace by the identity, comma-separated, e.g. 2,5
+    device: str = 'auto'            # 'auto' (cuda when available), 'cpu', 'cuda', ...
+    dtype: str = 'float32'          # or 'bfloat16' (autocast)
+
+
+def parse_options(argv):
+    """The model and a SampleConfig from `MODEL --key=value ...`; UserError in one sentence for anything else."""
+    models, values = [], {}
+    types = {f.name: f.type for f in fields(SampleConfig)}
+    for arg in argv:
+        if not arg.startswith('--'):
+            models.append(arg)
+            continue
+        key, has_value, raw = arg[2:].partition('=')
+        if key not in types:
+            raise UserError(f"unknown option --{key}; known options are --{', --'.join(types)}")
+        if not has_value:
+            raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --num_samples=5")
+        kind = {int: int, float: float, Optional[int]: int}.get(types[key], str)
+        if types[key] == Optional[int] and raw.lower() == 'none':
+            values[key] = None
+            continue
+        try:
+            values[key] = kind(raw)
+        except ValueError:
+            raise UserError(f"--{key} expects {'an int' if kind is int else 'a number'}, not {raw!r}") from None
+    if len(models) != 1:
+        raise UserError(f"give one model (a run folder, checkpoint or Hugging Face folder), not {len(models)}")
+    cfg = SampleConfig(**values)
+    for key in ('num_samples', 'max_new_tokens'):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, not {cfg.temperature}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"--top_k must be at least 1 (or None), not {cfg.top_k}")
+    if cfg.dtype not in ('float32', 'bfloat16'):
+        raise UserError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
+    return models[0], cfg
+
+
+def parse_skip_layers(text, n_layer):
+    """'2,5' -> (2, 5); UserError unless every number is a block from 1 to n_layer."""
+    try:
+        blocks = tuple(int(part) for part in text.split(',') if part.strip())
+    except ValueError:
+        raise UserError(f"--skip_layers expects block numbers separated by commas, e.g. 2,5, not {text!r}") from None
+    if not all(1 <= block <= n_layer for block in blocks):
+        raise UserError(f"--skip_layers must name blocks from 1 to {n_layer}, not {text}")
+    return blocks
+
+
+def read_start(start):
+    if not start.startswith('FILE:'):
+        return start
+    try:
+        with open(start[len('FILE:'):], encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the prompt file {start[len('FILE:'):]} ({error})") from None
+
+
+def sample(spec, cfg):
+    """Prints cfg.num_samples texts, each the prompt followed by what the model writes after it."""
+    try:
+        device = torch.device('cuda' if cfg.device == 'auto' and torch.cuda.is_available() else
+                              'cpu' if cfg.device == 'auto' else cfg.device)
+    except RuntimeError:
+        raise UserError(f"--device {cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    loaded = load_model(spec, device)
+    model = loaded.model.eval()
+    skip_layers = parse_skip_layers(cfg.skip_layers, model.config.n_layer)
+    if loaded.encode is None or loaded.decode is None:
+        raise UserError(f"no tokenizer for {loaded.name} is available offline; add its tokenizer.json to the folder")
+    try:
+        ids = loaded.encode(read_start(cfg.start))
+    except UserError as error:
+        raise UserError(f"{error}; write --start with characters from its training text") from None
+    if not ids:
+        raise UserError("the prompt has no tokens; give a non-empty --start")
+    skipping = f", without blocks {', '.join(map(str, skip_layers))}" if skip_layers else ''
+    print(f"{loaded.name}: {loaded.description}{skipping}", file=sys.stderr)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == 'bfloat16' else nullcontext()
+    texts = []
+    with autocast:
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                               generator=generator, skip_layers=skip_layers)
+            texts.append(loaded.decode(y[0].tolist()))
+            print(texts[-1])
+            print('---------------')
+    return texts
+
+
+def main(argv):
+    try:
+        sample(*parse_options(argv))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
