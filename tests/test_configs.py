@@ -19,6 +19,8 @@ PAPER_SIZES = {
     '1b': (2048, 24, 32, 5461, 1.34e9),
 }
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
+# the authors' warmup steps (their run_<size>.sh scripts)
+AUTHORS_WARMUP = {'130m': 2000, '250m': 4000, '350m': 6000, '1b': 1000}
 
 
 def llama_params(d, layers, hidden, vocab):
@@ -29,19 +31,29 @@ def llama_params(d, layers, hidden, vocab):
 
 @pytest.mark.parametrize('size', PAPER_SIZES)
 @pytest.mark.parametrize('scheme', ['pre', 'lns'])
-def test_paper_config_has_the_paper_size(size, scheme):
+def test_paper_config_has_the_paper_size_and_the_authors_recipe(size, scheme):
     d, layers, heads, hidden, paper_params = PAPER_SIZES[size]
     cfg = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_{scheme}.py')])
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.ffn_hidden, cfg.norm_scheme) == (d, layers, heads, hidden, scheme)
     assert cfg.block_size == 256 and cfg.batch_size * cfg.gradient_accumulation_steps == 512
     assert cfg.weight_decay == 0.0 and cfg.grad_clip == 0.0 and cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
-    assert cfg.dtype == 'bfloat16' and cfg.arch == 'llama'
+    assert (cfg.beta1, cfg.beta2) == (0.9, 0.999) and cfg.warmup_iters == AUTHORS_WARMUP.get(size, cfg.warmup_iters)
+    assert cfg.dtype == 'pure_bfloat16' and cfg.embedding_init_std == 0.632 and cfg.arch == 'llama'
+    assert cfg.vocab_size == 32000 and cfg.eval_tokens == 10_000_000
     with torch.device('meta'):
-        ours = GPT(model_config(cfg, vocab_size=50304))
-        paper = GPT(GPTConfig(**{**model_config(cfg, 50304).to_dict(), 'vocab_size': 32000}))
-    assert ours.num_params() == llama_params(d, layers, hidden, 50304)
-    assert paper.num_params() == llama_params(d, layers, hidden, 32000)
-    assert paper.num_params() == pytest.approx(paper_params, rel=0.01)
+        model = GPT(model_config(cfg, vocab_size=None))
+    assert model.num_params() == llama_params(d, layers, hidden, 32000)
+    assert model.num_params() == pytest.approx(paper_params, rel=0.01)
+
+
+@pytest.mark.parametrize('size', PAPER_SIZES)
+def test_our_recipe_is_one_file_away_from_each_paper_config(size):
+    authors = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py')])
+    ours = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py'),
+                         os.path.join(ROOT, 'config', 'our_recipe.py')])
+    assert (ours.dtype, ours.embedding_init_std, ours.vocab_size) == ('bfloat16', 0.02, None)
+    changed = {k for k, v in vars(ours).items() if vars(authors)[k] != v}
+    assert changed == {'dtype', 'embedding_init_std', 'vocab_size', 'data_dir'}
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)

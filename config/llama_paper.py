@@ -1,0 +1,25 @@
+# The authors' recipe, shared by every config/llama_<size>_<scheme>.py, as their code trained (not as the paper's
+# text says; README, "The authors' recipe"): pure bf16, embeddings initialised at std 0.632, C4 in the t5-base
+# tokenizer with one document per 256-token row (pads carry no loss, one shuffled pass), Adam without weight decay
+# or clipping, 512 sequences per step, evaluation on 10M validation tokens.
+#   python data/c4/prepare.py --layout rows --shards 29 --val_shards 2      # 29 shards: 130M's one pass
+# Our recipe instead (bf16 autocast, std 0.02, GPT-2 packed data): add config/our_recipe.py after the size's file.
+
+dataset = 'c4'
+arch = 'llama'
+block_size = 256
+vocab_size = 32000  # t5-base's; data in another tokenizer is refused rather than silently used
+
+dtype = 'pure_bfloat16'
+embedding_init_std = 0.632
+compile = True
+
+# Adam: AdamW with no weight decay is Adam; linear warmup, then cosine to 0.1x the peak (min_lr, per size)
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 0.0
+
+eval_interval = 1000
+eval_tokens = 10_000_000  # non-pad validation tokens, batch after batch of batch_size rows, as theirs
+eval_iters = 50           # batches for the training-loss estimate
