@@ -104,6 +104,16 @@ class TrainConfig:
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
+# the valid range of each numeric setting: (lowest, first value too high or None, lowest excluded, in words)
+AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
+    (0, None, True, 'positive')
+RANGES = {
+    **dict.fromkeys(['eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
+                     'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes', 'lr_decay_iters'], AT_LEAST_1),
+    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
+    'learning_rate': POSITIVE,
+    **dict.fromkeys(['beta1', 'beta2', 'dropout'], (0, 1, False, 'in [0, 1)')),
+}
 
 
 class UserError(Exception):
@@ -182,10 +192,12 @@ def parse_config(argv):
         raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
-    for key in ('eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
-                'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes'):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    for key, (low, high, low_open, rule) in RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None and (value < low or (low_open and value == low) or (high is not None and value >= high)):
+            raise UserError(f"{key} must be {rule}, not {value}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate}); lower min_lr")
     return cfg
 
 
