@@ -71,6 +71,26 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def training_losses(out_dir):
+    """{iteration: training loss} of a run's log."""
+    return {r['iter']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
+
+
+def launch(argv, nproc=1, **kwargs):
+    """train.py in a fresh process, through torchrun when nproc > 1 (gloo on CPU)."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    prefix = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc > 1 else [sys.executable]
+    return subprocess.Popen(prefix + [os.path.join(ROOT, 'train.py'), *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(process, timeout=300):
+    """(exit status, stdout, stderr) of a launched process."""
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -243,10 +243,18 @@ def test_generate_greedy_appends_the_argmax_tokens():
     assert torch.equal(top1, out)
 
 
-def test_generate_crops_to_block_size():
-    model = GPT(tiny_config('gpt', block_size=8))
-    out = model.generate(tokens(model.config, batch=1, seq=8), 5, top_k=3)
-    assert out.shape == (1, 13)
+@pytest.mark.parametrize('arch', ARCHS)
+def test_generate_conditions_on_the_last_block_size_tokens(arch):
+    model = randomize(GPT(tiny_config(arch, block_size=8)))
+    idx = tokens(model.config, batch=1, seq=12)
+    out = model.generate(idx, 3, temperature=0)
+    assert out.shape == (1, 15) and torch.equal(out[:, :12], idx)
+    next_from = lambda window: model(window)[0][0, -1].argmax().item()
+    for step in range(3):
+        context = out[:, :12 + step]
+        assert out[0, 12 + step] == next_from(context[:, -8:]), f"token {step + 1}"
+    # the first 8 tokens would predict differently, so the window the model saw is the last one
+    assert next_from(idx[:, :8]) != next_from(idx[:, -8:])
 
 
 def test_optimizer_decays_matrices_only():

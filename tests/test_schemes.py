@@ -159,6 +159,19 @@ def test_deepnorm_init_is_xavier_normal_with_gain_b_on_value_output_and_mlp(arch
     assert _std(model.tok_emb.weight) == pytest.approx(0.02, rel=0.03)
 
 
+def test_deepnorm_init_with_grouped_query_attention_gives_key_and_value_their_own_fan_out():
+    L, d, n_head, n_kv_head = 6, 256, 8, 2
+    model = GPT(GPTConfig(arch='llama', norm_scheme='deepnorm', n_layer=L, n_head=n_head, n_kv_head=n_kv_head,
+                          n_embd=d, vocab_size=512))
+    b, kv = (8 * L) ** -0.25, n_kv_head * d // n_head  # key and value: 2 heads of 32, 64 rows each
+    for block in model.blocks:
+        q, k, v = block.attn.qkv.weight.split([d, kv, kv])
+        assert _std(q) == pytest.approx(math.sqrt(2 / (d + d)), rel=0.03)
+        assert _std(k) == pytest.approx(math.sqrt(2 / (d + kv)), rel=0.03)
+        assert _std(v) == pytest.approx(b * math.sqrt(2 / (d + kv)), rel=0.03)
+        assert _std(block.attn.proj.weight) == pytest.approx(b * math.sqrt(2 / (d + d)), rel=0.03)
+
+
 def test_layerscale_and_skipinit_are_learnable_gains_with_their_initial_values():
     layerscale = GPT(tiny_config('llama', layerscale=True, layerscale_init=1e-3))
     skipinit = GPT(tiny_config('llama', skipinit=True))
