@@ -12,16 +12,13 @@ figures in experiments/figures/. Training runs go to experiments/runs/ (not kept
 """
 
 import argparse
-import json
-import math
 import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
+from training_runs import (HERE, ROOT, analyze_layers, final_val_loss, outcome, pyplot, require_prepared_data,
+                           run_all, spread, threads_per_job, train, val_curve, write_json)
+
 SCHEMES = ('pre', 'lns', 'post', 'mix', 'deepnorm', 'peri')
 
 
@@ -44,39 +41,12 @@ def run_dir(args, depth, scheme, seed):
     return os.path.join(args.runs, f'deep{depth}_{scheme}_seed{seed}')
 
 
-def read_log(folder):
-    path = os.path.join(folder, 'log.jsonl')
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def finished(folder, steps):
-    return os.path.exists(os.path.join(folder, 'diverged')) or any(
-        r['iter'] == steps and 'val_loss' in r for r in read_log(folder))
-
-
 def train_one(args, depth, scheme, seed, threads):
-    folder = run_dir(args, depth, scheme, seed)
-    if finished(folder, args.steps):
-        return
-    os.makedirs(folder, exist_ok=True)
     config = os.path.join(ROOT, 'config', f'shakespeare_char_deep{depth}.py')
-    command = [sys.executable, os.path.join(ROOT, 'train.py'), config,
-               f'--norm_scheme={scheme}', f'--seed={seed}', f'--out_dir={folder}', f'--data_dir={args.data_dir}',
-               f'--max_iters={args.steps}', f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
-               f'--log_interval={args.steps // 10}', '--eval_iters=20', '--device=cpu']
-    with open(os.path.join(folder, 'train.out'), 'w') as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
-    if result.returncode != 0:
-        with open(os.path.join(folder, 'train.out')) as f:
-            last = f.read().strip().splitlines()[-1]
-        if 'loss is' not in last:  # anything but a divergence is a real failure
-            raise RuntimeError(f"{' '.join(command)} failed: {last}")
-        with open(os.path.join(folder, 'diverged'), 'w') as f:
-            f.write(last + '\n')
+    train(run_dir(args, depth, scheme, seed), [
+        config, f'--norm_scheme={scheme}', f'--seed={seed}', f'--data_dir={args.data_dir}',
+        f'--max_iters={args.steps}', f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
+        f'--log_interval={args.steps // 10}', '--eval_iters=20', '--device=cpu'], args.steps, threads)
     print(f"done: depth {depth}, {scheme}, seed {seed}", flush=True)
 
 
@@ -87,18 +57,17 @@ def summarize(args):
             finals = []
             for seed in args.seeds:
                 folder = run_dir(args, depth, scheme, seed)
-                if not finished(folder, args.steps):
+                state = outcome(folder, args.steps)
+                if state is None:
                     continue  # with --no_train, runs that have not finished are left out
-                evals = [(r['iter'], r['val_loss']) for r in read_log(folder) if 'val_loss' in r]
-                diverged = os.path.exists(os.path.join(folder, 'diverged'))
-                final = float('nan') if diverged else evals[-1][1]
+                final = final_val_loss(folder)
                 finals.append(final)
                 runs.append({'depth': depth, 'norm_scheme': scheme, 'seed': seed, 'final_val_loss': final,
-                             'diverged': diverged, 'val_curve': evals})
-            ok = [v for v in finals if math.isfinite(v)]
+                             'diverged': state == 'diverged', 'val_curve': val_curve(folder)})
+            stats = spread(finals)
             table[f'{depth}/{scheme}'] = {
-                'depth': depth, 'norm_scheme': scheme, 'runs': len(finals), 'diverged': len(finals) - len(ok),
-                'mean': statistics.mean(ok) if ok else None, 'std': statistics.stdev(ok) if len(ok) > 1 else None}
+                'depth': depth, 'norm_scheme': scheme, 'runs': len(finals), 'diverged': stats['diverged'],
+                'mean': stats['mean'], 'std': stats['std']}
     return runs, table
 
 
@@ -125,9 +94,7 @@ def markdown_table(args, table):
 
 
 def plot_curves(args, runs):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(args.depths), figsize=(6 * len(args.depths), 4.5), squeeze=False)
     for ax, depth in zip(axes[0], args.depths):
         for scheme in args.schemes:
@@ -151,30 +118,26 @@ def plot_curves(args, runs):
 
 def main(argv):
     args = parse_args(argv)
-    if not os.path.exists(os.path.join(args.data_dir, 'val.bin')):
-        sys.exit(f"error: no prepared data in {args.data_dir}; run: python data/shakespeare_char/prepare.py")
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    require_prepared_data(args.data_dir)
+    threads = threads_per_job(args.jobs)
     jobs = [(depth, scheme, seed) for depth in sorted(args.depths, reverse=True) for seed in args.seeds
             for scheme in args.schemes]  # the long runs first, so the pool ends together
+    failures = []
     if not args.no_train:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(train_one, args, *job, threads) for job in jobs]:
-                future.result()
+        failures = run_all([lambda job=job: train_one(args, *job, threads) for job in jobs], args.jobs)
 
-    os.makedirs(args.results, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
     runs, table = summarize(args)
     settings = {k: v for k, v in vars(args).items() if k not in ('runs', 'results', 'figures', 'data_dir')}
-    with open(os.path.join(args.results, 'cpu_sweep.json'), 'w') as f:
-        json.dump({'settings': settings, 'summary': table, 'runs': runs}, f, indent=1)
+    write_json(os.path.join(args.results, 'cpu_sweep.json'), {'settings': settings, 'summary': table, 'runs': runs})
     print(markdown_table(args, table))
     print(f"wrote {plot_curves(args, runs)}")
     for depth in args.depths:
         folders = [os.path.relpath(run_dir(args, depth, scheme, args.seeds[0])) for scheme in ('pre', 'lns')]
-        plots = os.path.join(args.figures, f'deep{depth}')
-        subprocess.run([sys.executable, os.path.join(ROOT, 'eval_layers.py'), *folders, '--data', args.data_dir,
-                        '--tokens', '16384', '--block_size', '64', '--max_distance', str(depth), '--device', 'cpu',
-                        '--json', os.path.join(args.results, f'layers_{depth}.json'), '--plot', plots], check=True)
+        analyze_layers(folders, args.data_dir, depth, os.path.join(args.results, f'layers_{depth}.json'),
+                       os.path.join(args.figures, f'deep{depth}'), threads)
+    if failures:
+        sys.exit(f"error: {len(failures)} run(s) failed; the first: {failures[0]}")
 
 
 if __name__ == '__main__':

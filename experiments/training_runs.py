@@ -1,0 +1,139 @@
+"""
+What the experiment scripts share: launching train.py runs in a pool of jobs (finished runs skipped, so a study
+can span sessions), reading their logs, telling a finished run from a diverged one, eval_layers.py on a pair of
+runs, and the mean and spread of a set of losses.
+"""
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_SCRIPT = os.path.join(ROOT, 'train.py')
+EVAL_LAYERS_SCRIPT = os.path.join(ROOT, 'eval_layers.py')
+DIVERGED_STATUS = 3  # train.py's exit status for a non-finite loss; it also logs {"iter": N, "diverged": split}
+
+
+class RunFailed(Exception):
+    """A run that ended for a reason other than divergence: a setting train.py rejects, a crash."""
+
+
+def read_log(folder):
+    """The records of folder/log.jsonl ([] when there is none)."""
+    path = os.path.join(folder, 'log.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def outcome(folder, steps):
+    """'finished' when the log holds the validation loss at iteration `steps`, 'diverged' when it records a
+    divergence, None for a run not started or interrupted."""
+    records = read_log(folder)
+    if any('diverged' in r for r in records):
+        return 'diverged'
+    if any(r['iter'] == steps and 'val_loss' in r for r in records):
+        return 'finished'
+    return None
+
+
+def final_val_loss(folder):
+    """The last logged validation loss, or NaN for a diverged run."""
+    records = read_log(folder)
+    if any('diverged' in r for r in records):
+        return float('nan')
+    return [r['val_loss'] for r in records if 'val_loss' in r][-1]
+
+
+def val_curve(folder):
+    return [(r['iter'], r['val_loss']) for r in read_log(folder) if 'val_loss' in r]
+
+
+def threads_per_job(jobs, threads=None):
+    """The threads each job gets: `threads` when given, else the machine's cores shared out among the jobs."""
+    return threads or max(1, (os.cpu_count() or 2) // jobs)
+
+
+def require_prepared_data(data_dir):
+    if not os.path.exists(os.path.join(data_dir, 'val.bin')):
+        sys.exit(f"error: no prepared data in {data_dir}; run: python data/shakespeare_char/prepare.py")
+
+
+def train(folder, arguments, steps, threads):
+    """Runs train.py with `arguments` (a config file and --key=value strings) into `folder`, unless that run has
+    finished or diverged already. Returns its outcome; RunFailed for any other ending."""
+    state = outcome(folder, steps)
+    if state:
+        return state
+    if os.path.exists(folder):
+        shutil.rmtree(folder)  # an interrupted run starts again: its log would mix with the new one's
+    os.makedirs(folder)
+    command = [sys.executable, TRAIN_SCRIPT, *arguments, f'--out_dir={folder}']
+    output = os.path.join(folder, 'train.out')
+    with open(output, 'w') as out:
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'OMP_NUM_THREADS': str(threads)}).returncode
+    state = outcome(folder, steps)
+    if (status, state) in ((0, 'finished'), (DIVERGED_STATUS, 'diverged')):
+        return state
+    with open(output) as f:
+        lines = f.read().strip().splitlines()
+    raise RunFailed(f"{' '.join(command)} ended with status {status}"
+                    f"{'' if state else ', without its final record'}: {lines[-1] if lines else 'no output'}")
+
+
+def run_all(tasks, jobs):
+    """Runs every task (a function of no arguments) in a pool of `jobs` threads, all of them even when some fail;
+    returns the messages of the RunFailed ones."""
+    def attempt(task):
+        try:
+            task()
+        except RunFailed as error:
+            print(f"failed: {error}", flush=True)
+            return str(error)
+    with ThreadPoolExecutor(jobs) as pool:
+        return [message for message in pool.map(attempt, tasks) if message]
+
+
+def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads):
+    """eval_layers.py on the checkpoints in `folders`: layer drop, angular distance and variance per block."""
+    command = [sys.executable, EVAL_LAYERS_SCRIPT, *folders, '--data', data_dir, '--tokens', '16384',
+               '--block_size', '64', '--max_distance', str(depth), '--device', 'cpu', '--json', json_path,
+               '--plot', plot_dir]
+    result = subprocess.run(command, env={**os.environ, 'OMP_NUM_THREADS': str(threads)},
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RunFailed(f"{' '.join(command)} ended with status {result.returncode}: "
+                        f"{lines[-1] if lines else 'no output'}")
+
+
+def spread(values):
+    """Mean and sample standard deviation of the finite values, their count, and how many were not finite."""
+    finite = [v for v in values if math.isfinite(v)]
+    return {'mean': statistics.mean(finite) if finite else None,
+            'std': statistics.stdev(finite) if len(finite) > 1 else None,
+            'n': len(finite), 'diverged': len(values) - len(finite)}
+
+
+def write_json(path, data):
+    """Written to a temporary file and renamed: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt

@@ -1,0 +1,258 @@
+"""The experiment scripts: finished and diverged runs told apart by train.py's exit status and log, interrupted
+runs started again, and recipe_study's rule for which cells get more seeds, run end to end on a stand-in trainer."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import cpu_sweep  # noqa: E402
+import recipe_study  # noqa: E402
+import training_runs  # noqa: E402
+from recipe_study import Cell  # noqa: E402
+
+# A stand-in for train.py: the final validation loss of each run is looked up in LOSSES (missing: diverged), LNS's
+# gets 0.002 per seed and Pre-LN's 0.001 per seed, and four times the steps take 0.1 off Pre-LN and 0.12 off LNS.
+# It rejects --train_norm_gains as a train.py without that setting would, and logs every call to $CALLS.
+STAND_IN_TRAINER = '''
+import json, os, sys
+LOSSES = %r
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+with open(os.environ['CALLS'], 'a') as f:
+    f.write(os.path.basename(args['out_dir']) + '\\n')
+if 'train_norm_gains' in args:
+    sys.exit("error: unknown setting 'train_norm_gains' in --train_norm_gains")
+log = open(os.path.join(args['out_dir'], 'log.jsonl'), 'a')
+key = '%%s/%%s/%%s/%%s' %% (args['n_layer'], args['n_embd'], args['learning_rate'], args['norm_scheme'])
+if key not in LOSSES:
+    log.write(json.dumps({'iter': 3, 'diverged': 'train'}) + '\\n')
+    sys.exit(3)
+seed, steps, lns = int(args['seed']), int(args['max_iters']), args['norm_scheme'] == 'lns'
+loss = LOSSES[key] + seed * (0.002 if lns else 0.001) - (0.12 if lns else 0.1) * (steps == 40)
+log.write(json.dumps({'iter': steps, 'train_loss': loss, 'val_loss': loss}) + '\\n')
+'''
+STAND_IN_EVAL_LAYERS = '''
+import json, sys
+argv = sys.argv[1:]
+path, depth = argv[argv.index('--json') + 1], int(argv[argv.index('--max_distance') + 1])
+layer = {'variance': 1.0, 'loss_drop': 0.1}
+json.dump({'models': [{'base_loss': 1.5, 'layers': [layer] * depth}] * 2}, open(path, 'w'))
+'''
+# gap signs (lns - pre) at 1e-3, 3e-3, 1e-2, 3e-2:
+#   12 blocks: + + - -  (Pre-LN diverges at 3e-2)  -> turns between 3e-3 and 1e-2
+#    6 blocks: - - - +                             -> turns between 1e-2 and 3e-2
+#   6 -> 12 blocks turns at 1e-3, 3e-3 and 3e-2; at 1e-3 width 64 -> 128 turns; at width 128 1e-3 -> 3e-3 turns
+LOSSES = {
+    '12/64/0.001/pre': 1.595, '12/64/0.003/pre': 1.58, '12/64/0.01/pre': 1.65,
+    '12/64/0.001/lns': 1.66, '12/64/0.003/lns': 1.61, '12/64/0.01/lns': 1.62, '12/64/0.03/lns': 1.70,
+    '6/64/0.001/pre': 1.70, '6/64/0.003/pre': 1.65, '6/64/0.01/pre': 1.68, '6/64/0.03/pre': 1.75,
+    '6/64/0.001/lns': 1.69, '6/64/0.003/lns': 1.64, '6/64/0.01/lns': 1.67, '6/64/0.03/lns': 1.76,
+    '12/128/0.001/pre': 1.55, '12/128/0.003/pre': 1.53, '12/128/0.001/lns': 1.54, '12/128/0.003/lns': 1.56,
+}
+
+
+# the cells that get every seed, by the rule, and why
+MORE_SEEDS = [(12, 64, 3e-3, 'base'),  # both schemes' best; sign changes along the rate and the depth
+              (12, 64, 1e-2, 'base'),  # a sign change along the rate
+              (12, 64, 1e-3, 'base'),  # sign changes along the width and the depth
+              (12, 64, 3e-2, 'base'),  # a sign change along the depth only
+              (6, 64, 1e-3, 'base'),  # a sign change along the depth only
+              (6, 64, 3e-3, 'base'),  # both schemes' best, a sign change along the depth
+              (6, 64, 1e-2, 'base'),  # a sign change along the rate
+              (6, 64, 3e-2, 'base'),  # sign changes along the rate and the depth
+              (12, 128, 1e-3, 'base'),  # sign changes along the width and the rate
+              (12, 128, 3e-3, 'base'),  # a sign change along the rate
+              (12, 64, 3e-3, 'steps_x4'), (12, 64, 1e-2, 'steps_x4')]  # recipe factors (frozen_gains: rejected)
+STUDY = ['--depths', '12', '6', '--widths', '64', '128', '--factors', 'steps_x4', 'frozen_gains', '--steps', '10']
+
+
+def test_more_seeds_go_to_each_schemes_best_rate_every_sign_change_and_every_recipe_factor():
+    args = recipe_study.parse_args(STUDY)
+    screen = {}
+    for key, loss in LOSSES.items():
+        depth, width, lr, scheme = key.split('/')
+        screen.setdefault(Cell(int(depth), int(width), float(lr), 'base'), {})[scheme] = loss
+    screen[Cell(12, 64, 3e-2, 'base')]['pre'] = math.inf  # diverged
+    assert {cell.factor for cell in recipe_study.cells_to_confirm(args, screen)} == {'base'}  # no factor screened
+    for lr in (3e-3, 1e-2):  # Pre-LN's best at 12 blocks, and 1e-2
+        screen[Cell(12, 64, lr, 'steps_x4')] = {'pre': 1.5, 'lns': 1.4}
+    assert set(recipe_study.cells_to_confirm(args, screen)) == {Cell(*cell) for cell in MORE_SEEDS}
+
+
+@pytest.fixture
+def stand_ins(tmp_path, monkeypatch):
+    trainer, eval_layers = tmp_path / 'train.py', tmp_path / 'eval_layers.py'
+    trainer.write_text(STAND_IN_TRAINER % (LOSSES,))
+    eval_layers.write_text(STAND_IN_EVAL_LAYERS)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    monkeypatch.setattr(training_runs, 'EVAL_LAYERS_SCRIPT', str(eval_layers))
+    monkeypatch.setenv('CALLS', str(tmp_path / 'calls'))
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'val.bin').write_bytes(b'')
+    return tmp_path
+
+
+def folders(*cells_and_seeds):
+    return {f'{recipe_study.cell_name(Cell(*cell))}_{scheme}_s{seed}'
+            for cell, seeds in cells_and_seeds for seed in seeds for scheme in ('pre', 'lns')}
+
+
+@pytest.mark.slow
+def test_the_study_screens_adds_seeds_and_summarizes_in_order_on_a_stand_in_trainer(stand_ins):
+    out = stand_ins
+    argv = [*STUDY, '--runs', str(out / 'runs'), '--results', str(out / 'results'), '--figures', str(out / 'figures'),
+            '--data_dir', str(out / 'data')]
+    with pytest.raises(SystemExit) as stop:
+        recipe_study.main(argv)
+    assert 'train_norm_gains' in str(stop.value.code)  # the rejected setting is named, after everything else ran
+    calls = (out / 'calls').read_text().split()
+
+    screened = folders(*[((depth, 64, lr, 'base'), [0]) for depth in (12, 6) for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+                       *[((12, 128, lr, 'base'), [0]) for lr in (1e-3, 3e-3)],
+                       *[((12, 64, lr, 'steps_x4'), [0]) for lr in (3e-3, 1e-2)])  # Pre-LN's best at 12, and 1e-2
+    more_seeds = folders(*[(cell, [1, 2]) for cell in MORE_SEEDS])
+    rejected = folders(((12, 64, 3e-3, 'frozen_gains'), [0]), ((12, 64, 1e-2, 'frozen_gains'), [0]))
+    assert set(calls) == screened | more_seeds | rejected
+    assert len(calls) == len(set(calls))  # nothing trained twice
+
+    with open(out / 'results' / 'recipe_study.json') as f:
+        results = json.load(f)
+    cells = {(c['depth'], c['width'], c['learning_rate'], c['factor']): c for c in results['cells']}
+    cell = cells[(12, 64, 3e-3, 'base')]
+    # gap per seed s: (1.61 + 0.002 s) - (1.58 + 0.001 s) = 0.03 + 0.001 s
+    assert cell['gap']['mean'] == pytest.approx(0.031) and cell['gap']['std'] == pytest.approx(0.001)
+    assert cell['gap']['n'] == 3 and cell['pre']['by_seed'] == pytest.approx({'0': 1.58, '1': 1.581, '2': 1.582})
+    assert cells[(12, 64, 3e-2, 'base')]['pre']['diverged'] == 3
+    assert cells[(12, 64, 1e-2, 'steps_x4')]['gap']['mean'] == pytest.approx(1.62 - 1.65 - 0.02 + 0.001)
+    deep12 = results['learning_rate']['12']
+    assert deep12['pre']['best_learning_rate'] == 3e-3 and deep12['pre']['best_loss'] == pytest.approx(1.581)
+    assert deep12['pre']['learning_rate_range_within_tolerance'] == [1e-3, 3e-3]  # 1.596 is within 0.02 of 1.581
+    assert deep12['lns']['learning_rates_within_tolerance'] == [3e-3, 1e-2]  # 1.662 and 1.702 are not
+    assert deep12['pre']['diverged_at'] == [3e-2]
+    assert deep12['gap_changes_sign_between'] == [[3e-3, 1e-2]]
+    assert len(results['layers']) == len(MORE_SEEDS) - 1  # all but the cell where Pre-LN diverged
+    for name in ('learning_rate_by_depth', 'width', 'factors', 'layers'):
+        assert (out / 'figures' / f'recipe_{name}.png').exists()
+
+    (out / 'calls').unlink()
+    summary = out / 'results' / 'recipe_study.json'
+    summary.unlink()
+    recipe_study.main([*argv, '--no_train'])
+    assert not (out / 'calls').exists()  # --no_train trains nothing
+    with open(summary) as f:
+        assert json.load(f)['cells'] == results['cells']
+
+
+def test_a_diverged_run_counts_as_worse_than_any_finished_one():
+    assert recipe_study.gap_sign({'pre': math.inf, 'lns': 9.0}) == -1
+    assert recipe_study.gap_sign({'pre': 1.0, 'lns': math.inf}) == 1
+    assert recipe_study.gap_sign({'pre': math.inf, 'lns': math.inf}) == 0
+    assert recipe_study.gap_sign({'pre': 1.0}) == 0
+    assert recipe_study.best_learning_rate({1e-3: 2.0, 1e-2: 1.9, 3e-2: math.inf}) == 1e-2
+    assert recipe_study.best_learning_rate({1e-3: math.inf}) is None
+
+
+@pytest.mark.parametrize('status, record, result', [
+    (0, {'iter': 10, 'train_loss': 2.0, 'val_loss': 2.0}, 'finished'),
+    (3, {'iter': 4, 'diverged': 'train'}, 'diverged'),
+    (3, None, 'failed'),  # a divergence train.py did not record is not trusted
+    (1, None, 'failed'),
+    (0, {'iter': 5, 'train_loss': 2.0, 'val_loss': 2.0}, 'failed'),  # stopped before its last step
+])
+def test_a_run_is_finished_diverged_or_failed_by_exit_status_and_log(tmp_path, monkeypatch, status, record, result):
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(f"import json, os, sys\nout = sys.argv[-1].split('=', 1)[1]\n"
+                       f"open(os.path.join(out, 'log.jsonl'), 'a').write(json.dumps({record!r}) + '\\n' "
+                       f"if {record!r} else '')\nprint('error: the last line says why')\nsys.exit({status})\n")
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    folder = str(tmp_path / 'run')
+    if result == 'failed':
+        with pytest.raises(training_runs.RunFailed, match=f'status {status}.*the last line says why'):
+            training_runs.train(folder, [], steps=10, threads=1)
+        assert training_runs.outcome(folder, 10) is None
+        return
+    assert training_runs.train(folder, [], steps=10, threads=1) == result
+    trainer.write_text("raise SystemExit('a finished run must not start again')\n")
+    assert training_runs.train(folder, [], steps=10, threads=1) == result
+
+
+def test_an_interrupted_run_starts_again_with_a_fresh_log(tmp_path, monkeypatch):
+    trainer = tmp_path / 'train.py'
+    trainer.write_text("import json, os, sys\nout = sys.argv[-1].split('=', 1)[1]\n"
+                       "open(os.path.join(out, 'log.jsonl'), 'a').write(json.dumps({'iter': 10, 'val_loss': 2}))\n")
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'log.jsonl').write_text(json.dumps({'iter': 5, 'val_loss': 3.0}) + '\n')
+    assert training_runs.train(str(folder), [], steps=10, threads=1) == 'finished'
+    assert training_runs.read_log(str(folder)) == [{'iter': 10, 'val_loss': 2}]
+
+
+def test_the_study_trains_the_base_recipe_with_heads_of_16():
+    import train
+    args = recipe_study.parse_args(['--steps', '1500', '--data_dir', 'somewhere'])
+    argv = recipe_study.trainer_arguments(args, Cell(24, 256, 3e-3, 'base'), 'lns', 2)
+    cfg = train.parse_config([*argv, '--out_dir=unused'])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.norm_scheme, cfg.seed) == (24, 256, 16, 'lns', 2)
+    assert (cfg.batch_size, cfg.block_size, cfg.weight_decay, cfg.grad_clip) == (32, 64, 0.0, 0.0)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.max_iters, cfg.warmup_iters) == (3e-3, 3e-4, 1500, 150)
+    assert cfg.compile and cfg.device == 'cpu' and cfg.data_dir == 'somewhere'
+    longer = recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, 'steps_x4'), 'pre', 0)
+    assert '--max_iters=6000' in longer and '--warmup_iters=600' in longer
+    for factor, overrides in recipe_study.FACTORS.items():
+        assert set(overrides) <= set(recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, factor), 'pre', 0))
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--widths', '100'], 'multiple of the head size 16'),
+    (['--steps', '5'], 'at least 10'),
+    (['--seeds', '0', '0'], 'must differ'),
+    (['--learning_rates', '0'], 'positive'),
+])
+def test_bad_study_settings_are_refused_in_one_sentence(argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        recipe_study.parse_args(argv)
+    assert stop.value.code != 0 and words in capsys.readouterr().err
+
+
+def test_cpu_sweep_counts_a_run_diverged_from_its_log_record(tmp_path):
+    args = cpu_sweep.parse_args(['--depths', '12', '--schemes', 'pre', 'lns', '--seeds', '0', '1', '--steps', '10',
+                                 '--runs', str(tmp_path)])
+    records = {('pre', 0): [{'iter': 10, 'val_loss': 2.0}], ('pre', 1): [{'iter': 10, 'val_loss': 2.2}],
+               ('lns', 0): [{'iter': 5, 'val_loss': 2.5}, {'iter': 7, 'diverged': 'val'}],
+               ('lns', 1): [{'iter': 5, 'val_loss': 2.5}]}  # interrupted: left out
+    for (scheme, seed), lines in records.items():
+        folder = cpu_sweep.run_dir(args, 12, scheme, seed)
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'log.jsonl'), 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in lines)
+    runs, table = cpu_sweep.summarize(args)
+    assert table['12/pre']['mean'] == pytest.approx(2.1) and table['12/pre']['runs'] == 2
+    assert (table['12/lns']['runs'], table['12/lns']['diverged'], table['12/lns']['mean']) == (1, 1, None)
+    assert len(runs) == 3
+
+
+@pytest.mark.slow
+def test_recipe_study_trains_with_the_real_trainer(tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 65, 20_000, dtype=np.uint16)
+    tokens.tofile(data / 'train.bin')
+    tokens[:5_000].tofile(data / 'val.bin')
+    (data / 'meta.json').write_text(json.dumps({'vocab_size': 65}))
+    subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'recipe_study.py'), '--depths', '2',
+                    '--learning_rates', '1e-3', '--widths', '--factors', '--seeds', '0', '--steps', '10',
+                    '--compile', 'False', '--threads', '1', '--runs', str(tmp_path / 'runs'),
+                    '--results', str(tmp_path / 'results'), '--figures', str(tmp_path / 'figures'),
+                    '--data_dir', str(data)], check=True, capture_output=True)
+    with open(tmp_path / 'results' / 'recipe_study.json') as f:
+        cell, = json.load(f)['cells']
+    assert cell['pre']['n'] == cell['lns']['n'] == 1 and math.isfinite(cell['gap']['mean'])
