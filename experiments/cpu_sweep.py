@@ -128,6 +128,8 @@ def main(argv):
 
     os.makedirs(args.figures, exist_ok=True)
     runs, table = summarize(args)
+    if not runs:
+        sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
     settings = {k: v for k, v in vars(args).items() if k not in ('runs', 'results', 'figures', 'data_dir')}
     write_json(os.path.join(args.results, 'cpu_sweep.json'), {'settings': settings, 'summary': table, 'runs': runs})
     print(markdown_table(args, table))

@@ -353,6 +353,8 @@ def report(args, threads):
                              'val_curve': val_curve(run_dir(args, cell, scheme, seed))})
         if losses:
             rows.append({**describe_cell(args, cell, losses), 'more_seeds_because': confirm.get(cell, [])})
+    if not runs:
+        sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
     layers, failures = layer_analyses(args, confirm, threads)
     expected = sum(len(SCHEMES) * (len(args.seeds) if cell in confirm else 1) for cell in cells)
     settings = {k: v for k, v in vars(args).items() if k not in ('runs', 'results', 'figures', 'data_dir')}

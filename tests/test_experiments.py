@@ -211,6 +211,15 @@ def test_the_study_trains_the_base_recipe_with_heads_of_16():
         assert set(overrides) <= set(recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, factor), 'pre', 0))
 
 
+def test_summarizing_before_any_run_finished_writes_nothing(tmp_path):
+    (tmp_path / 'val.bin').write_bytes(b'')
+    folders = ['--runs', str(tmp_path / 'runs'), '--results', str(tmp_path / 'results'), '--data_dir', str(tmp_path)]
+    for script in (recipe_study, cpu_sweep):
+        with pytest.raises(SystemExit, match='no finished runs'):
+            script.main(['--no_train', *folders])
+    assert not (tmp_path / 'results').exists()
+
+
 @pytest.mark.parametrize('argv, words', [
     (['--widths', '100'], 'multiple of the head size 16'),
     (['--steps', '5'], 'at least 10'),
