@@ -219,9 +219,9 @@ def folded_state_dict(model):
     """Our state dict as a Pre-LN model without residual gains: each norm's weight and bias times its LNS factor;
     each output projection's rows and bias times the factor and gain on its sublayer's output."""
     config, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for block in model.blocks:
-        prefix = f'blocks.{block.depth - 1}.'
-        attn_norm_factor, mlp_norm_factor, output_factor = folding_factors(config, block.depth)
+    for depth in range(1, config.n_layer + 1):
+        prefix = f'blocks.{depth - 1}.'
+        attn_norm_factor, mlp_norm_factor, output_factor = folding_factors(config, depth)
         for norm, factor in (('attn_norm', attn_norm_factor), ('mlp_norm', mlp_norm_factor)):
             for kind in ('weight', 'bias'):
                 if prefix + f'{norm}.{kind}' in state:
