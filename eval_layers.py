@@ -384,15 +384,15 @@ def read_mmlu(path):
     <subject>_test.csv: one of them, a folder of them, or the benchmark's data.tar. Zero-shot prompt of the MMLU
     paper; each choice is scored as its letter."""
     if os.path.isdir(path):
-        files = [(name, open(os.path.join(path, name), encoding='utf-8').read())
-                 for name in sorted(os.listdir(path)) if name.endswith('.csv')]
+        files = [(name, read_text(os.path.join(path, name))) for name in sorted(os.listdir(path))
+                 if name.endswith('.csv')]
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
             files = [(os.path.basename(member.name), tar.extractfile(member).read().decode('utf-8'))
                      for member in sorted(tar.getmembers(), key=lambda m: m.name)
                      if member.isfile() and member.name.endswith('_test.csv') and '/test/' in member.name]
     else:
-        files = [(os.path.basename(path), open(path, encoding='utf-8').read())]
+        files = [(os.path.basename(path), read_text(path))]
     examples = []
     for name, text in files:
         subject = name.removesuffix('.csv').removesuffix('_test').replace('_', ' ')
@@ -406,6 +406,11 @@ def read_mmlu(path):
                                     f"\n\n{question.strip()}{options}\nAnswer:", [' A', ' B', ' C', ' D'],
                                     'ABCD'.index(answer.strip())))
     return examples
+
+
+def read_text(path):
+    with open(path, encoding='utf-8') as f:
+        return f.read()
 
 
 @dataclass
