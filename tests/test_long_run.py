@@ -88,16 +88,19 @@ def test_non_finite_validation_loss_stops_and_leaves_the_last_good_checkpoint_by
 def test_two_process_checkpoint_resumed_with_two_processes_continues_exactly(tmp_path, char_data):
     # dropout on: each process must get its own random state back, not rank 0's
     common = TINY + [f'--data_dir={char_data}', '--dropout=0.1', '--eval_interval=4', '--log_interval=1',
-                     '--gradient_accumulation_steps=2', '--lr_decay_iters=8']
-    for argv in ([f'--out_dir={tmp_path / "whole"}', '--max_iters=8'],
-                 [f'--out_dir={tmp_path / "halves"}', '--max_iters=4'],
-                 [f'--out_dir={tmp_path / "halves"}', '--max_iters=8', '--init_from=resume']):
-        code, _, err = finish(launch(common + argv, nproc=2))
-        assert code == 0, err
-    assert training_losses(tmp_path / 'halves') == training_losses(tmp_path / 'whole')
-    whole, halves = (read_checkpoint(tmp_path / name / 'ckpt.pt') for name in ('whole', 'halves'))
-    assert halves['iter_num'] == 8 and len(halves['rng']) == 2
-    assert all(torch.equal(whole['model'][k], halves['model'][k]) for k in whole['model'])
+                     '--gradient_accumulation_steps=2', '--max_iters=8']
+    whole, halves = tmp_path / 'whole', tmp_path / 'halves'
+    code, _, err = finish(launch(common + [f'--out_dir={whole}', '--keep_last_n=1'], nproc=2))
+    assert code == 0, err
+    halves.mkdir()  # as if the run had stopped after its checkpoint at iteration 4
+    (halves / 'ckpt.pt').write_bytes((whole / 'ckpt-0000004.pt').read_bytes())
+    (halves / 'log.jsonl').write_text((whole / 'log.jsonl').read_text())
+    code, _, err = finish(launch(common + [f'--out_dir={halves}', '--init_from=resume'], nproc=2))
+    assert code == 0, err
+    assert training_losses(halves) == training_losses(whole)
+    expected, resumed = read_checkpoint(whole / 'ckpt.pt'), read_checkpoint(halves / 'ckpt.pt')
+    assert resumed['iter_num'] == 8 and len(resumed['rng']) == 2
+    assert all(torch.equal(expected['model'][k], resumed['model'][k]) for k in expected['model'])
 
 
 def test_two_process_checkpoint_resumed_by_one_process_keeps_the_data_order(tmp_path, char_data):

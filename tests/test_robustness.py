@@ -111,9 +111,11 @@ def test_token_ids_in_the_data_beyond_the_vocabulary_are_refused(tmp_path, capsy
     assert 'holds token id' in err and 'vocab_size 10' in err and not (tmp_path / 'o').exists()
 
 
-def test_compiled_bf16_autocast_training_on_cpu_learns(tmp_path, char_data):
+# compiling takes half a minute on a 2-core CPU, so the compiled run is in the slow set
+@pytest.mark.parametrize('compile', [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_autocast_training_on_cpu_learns_eager_and_compiled(tmp_path, char_data, compile):
     out_dir = tmp_path / 'o'
-    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={out_dir}', '--compile=True',
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={out_dir}', f'--compile={compile}',
                               '--dtype=bfloat16', '--max_iters=20', '--eval_interval=20',
                               '--learning_rate=1e-2']) == 0
     evals = [r['val_loss'] for r in read_log(out_dir) if 'val_loss' in r]
