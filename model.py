@@ -61,21 +61,11 @@ class GPTConfig:
     train_norm_gains: bool = True        # False: norm weights stay at 1 (pure bf16 training leaves them there)
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
-        for name, choices in (('norm_scheme', NORM_SCHEMES), ('init_scheme', INIT_SCHEMES),
-                              ('lns_position', LNS_POSITIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
-        if self.lns_position != 'norm' and self.norm_scheme != 'lns':
-            raise ValueError(f"lns_position only applies to norm_scheme='lns', not {self.norm_scheme!r}; "
-                             f"leave it 'norm'")
-        if self.norm_scheme == 'deepnorm' and self.init_scheme != 'normal':
-            raise ValueError("deepnorm brings its own init; leave init_scheme='normal' with it")
-        if self.layerscale and self.skipinit:
-            raise ValueError("layerscale and skipinit both scale the residual branches; choose one")
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ValueError(f"mix_ratio must be in [0, 1], not {self.mix_ratio}")
+        self.fill_defaults()
+        self.validate()
+
+    def fill_defaults(self):
+        """Settings left None take the architecture's defaults (see each field's comment)."""
         llama = self.arch == 'llama'
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -91,6 +81,24 @@ class GPTConfig:
             self.tie_embeddings = not llama
         if self.layerscale_init is None:
             self.layerscale_init = 0.1 if self.n_layer <= 18 else 1e-5 if self.n_layer <= 24 else 1e-6
+
+    def validate(self):
+        """ValueError, in one sentence naming the valid choices, for a setting or combination the model cannot be."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        for name, choices in (('norm_scheme', NORM_SCHEMES), ('init_scheme', INIT_SCHEMES),
+                              ('lns_position', LNS_POSITIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.lns_position != 'norm' and self.norm_scheme != 'lns':
+            raise ValueError(f"lns_position only applies to norm_scheme='lns', not {self.norm_scheme!r}; "
+                             f"leave it 'norm'")
+        if self.norm_scheme == 'deepnorm' and self.init_scheme != 'normal':
+            raise ValueError("deepnorm brings its own init; leave init_scheme='normal' with it")
+        if self.layerscale and self.skipinit:
+            raise ValueError("layerscale and skipinit both scale the residual branches; choose one")
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise ValueError(f"mix_ratio must be in [0, 1], not {self.mix_ratio}")
         for name in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size', 'vocab_size'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)}")
@@ -98,7 +106,7 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if llama and (self.n_embd // self.n_head) % 2:
+        if self.arch == 'llama' and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head is {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
