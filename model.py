@@ -48,7 +48,7 @@ class GPTConfig:
     norm_eps: Optional[float] = None     # None: 1e-5 (gpt LayerNorm), 1e-6 (llama RMSNorm)
     rope_theta: float = 10000.0          # llama only
     tie_embeddings: Optional[bool] = None  # the output head shares the token embedding; None: True (gpt), False (llama)
-    mix_ratio: float = 0.25              # mix: the first round(mix_ratio * n_layer) blocks are post, the rest pre
+    mix_ratio: float = 0.25              # mix: the first floor(mix_ratio * n_layer) blocks are post, the rest pre
     lns_position: str = 'norm'           # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
     # alternatives to LNS that the paper compares (Table 6); they combine with any norm_scheme
     init_scheme: str = 'normal'          # 'normal': 0.02 everywhere; 'scaled': residual-output projections
