@@ -398,8 +398,15 @@ def markdown_table(rows):
 
 # ----------------------------------------------------------------------------- figures
 
-def plot_scheme_lines(ax, rows, x_of):
-    """Mean final loss with a seed-std bar per point for pre and lns; diverged cells as crosses on the top edge."""
+def plot_scheme_lines(ax, rows, x_of, grid):
+    """Mean final loss with a seed-std bar per point for pre and lns over the values `grid` of a log-scaled axis;
+    diverged cells as crosses on the top edge."""
+    ax.set(xscale='log', xlim=(min(grid) / 1.5, max(grid) * 1.5), ylabel='final validation loss (nats per character)')
+    ax.set_xticks(grid, [f'{x:g}' for x in grid])
+    ax.minorticks_off()
+    if not rows:
+        ax.text(0.5, 0.5, 'no finished runs yet', transform=ax.transAxes, ha='center', color='gray')
+        return
     for scheme, color in zip(SCHEMES, ('tab:blue', 'tab:orange')):
         points = sorted((x_of(r), r[scheme]) for r in rows if r[scheme]['n'])
         ax.errorbar([x for x, _ in points], [s['mean'] for _, s in points], yerr=[s['std'] or 0 for _, s in points],
@@ -412,6 +419,7 @@ def plot_scheme_lines(ax, rows, x_of):
         if lost:
             ax.plot(lost, [1] * len(lost), 'x', color=color, markersize=10, transform=ax.get_xaxis_transform(),
                     clip_on=False, label=f'{scheme} diverged')
+    ax.legend(fontsize=8)
 
 
 def save(fig, args, name):
@@ -428,10 +436,8 @@ def plot_learning_rates(args, rows):
     fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 4), squeeze=False)
     for ax, depth in zip(axes[0], depths):
         plot_scheme_lines(ax, [r for r in rows if r['depth'] == depth and r['width'] == BASE_WIDTH
-                               and r['factor'] == 'base'], lambda r: r['learning_rate'])
-        ax.set(xscale='log', title=f'{depth} blocks x width {BASE_WIDTH}', xlabel='peak learning rate',
-               ylabel='final validation loss (nats per character)')
-        ax.legend(fontsize=8)
+                               and r['factor'] == 'base'], lambda r: r['learning_rate'], args.learning_rates)
+        ax.set(title=f'{depth} blocks x width {BASE_WIDTH}', xlabel='peak learning rate')
     print(f"wrote {save(fig, args, 'recipe_learning_rate_by_depth.png')}")
     plt.close(fig)
 
@@ -441,12 +447,9 @@ def plot_widths(args, rows):
     fig, axes = plt.subplots(1, len(WIDTH_LEARNING_RATES), figsize=(5 * len(WIDTH_LEARNING_RATES), 4), squeeze=False)
     for ax, lr in zip(axes[0], WIDTH_LEARNING_RATES):
         plot_scheme_lines(ax, [r for r in rows if r['depth'] == BASE_DEPTH and r['learning_rate'] == lr
-                               and r['factor'] == 'base' and r['width'] in args.widths], lambda r: r['width'])
-        ax.set(xscale='log', xticks=sorted(args.widths), xticklabels=[str(w) for w in sorted(args.widths)],
-               title=f'{BASE_DEPTH} blocks, learning rate {lr:g}', xlabel=f'width (heads of {HEAD_SIZE})',
-               ylabel='final validation loss (nats per character)')
-        ax.minorticks_off()
-        ax.legend(fontsize=8)
+                               and r['factor'] == 'base' and r['width'] in args.widths], lambda r: r['width'],
+                          sorted(args.widths))
+        ax.set(title=f'{BASE_DEPTH} blocks, learning rate {lr:g}', xlabel=f'width (heads of {HEAD_SIZE})')
     print(f"wrote {save(fig, args, 'recipe_width.png')}")
     plt.close(fig)
 
