@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from model import GPT, GPTConfig, lns_scale, read_checkpoint
+from model import GPT, GPTConfig, read_checkpoint
 
 HF_MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
 EXPORTABLE_SCHEMES = ('pre', 'lns')
@@ -206,22 +206,15 @@ def config_to_hf(config, end_of_text=None):
                 attention_dropout=config.dropout, **biases, **common)
 
 
-def folding_factors(config, depth):
-    """What block `depth`'s LayerNorm Scaling multiplies, from the config's formulas (see model.Block):
-    (attention norm, MLP norm, each sublayer output)."""
-    scale = lns_scale(config, depth)
-    position = config.lns_position if config.norm_scheme == 'lns' else 'norm'
-    return (scale if position in ('norm', 'attn') else 1.0, scale if position in ('norm', 'mlp') else 1.0,
-            scale if position == 'sublayer' else 1.0)
-
-
 def folded_state_dict(model):
     """Our state dict as a Pre-LN model without residual gains: each norm's weight and bias times its LNS factor;
     each output projection's rows and bias times the factor and gain on its sublayer's output."""
     config, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for depth in range(1, config.n_layer + 1):
-        prefix = f'blocks.{depth - 1}.'
-        attn_norm_factor, mlp_norm_factor, output_factor = folding_factors(config, depth)
+    for i, block in enumerate(model.blocks):
+        prefix = f'blocks.{i}.'
+        # the plain floats model.Block multiplies by (1/sqrt(l) under LNS, as its lns_position says; else 1)
+        attn_norm_factor, mlp_norm_factor = block.attn_norm_scale, block.mlp_norm_scale
+        output_factor = block.sublayer_lns_scale
         for norm, factor in (('attn_norm', attn_norm_factor), ('mlp_norm', mlp_norm_factor)):
             for kind in ('weight', 'bias'):
                 if prefix + f'{norm}.{kind}' in state:

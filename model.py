@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 ARCHS = ('gpt', 'llama')
 NORM_SCHEMES = ('pre', 'lns', 'post', 'deepnorm', 'mix', 'peri')
 INIT_SCHEMES = ('normal', 'scaled', 'depth')
-LNS_POSITIONS = ('norm', 'sublayer', 'attn', 'mlp')
+LNS_POSITIONS = ('both_norms', 'attn_norm', 'mlp_norm', 'sublayer')
 
 
 @dataclass
@@ -49,7 +49,7 @@ class GPTConfig:
     rope_theta: float = 10000.0          # llama only
     tie_embeddings: Optional[bool] = None  # the output head shares the token embedding; None: True (gpt), False (llama)
     mix_ratio: float = 0.25              # mix: the first floor(mix_ratio * n_layer) blocks are post, the rest pre
-    lns_position: str = 'norm'           # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
+    lns_position: str = 'both_norms'     # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
     # alternatives to LNS that the paper compares (Table 6); they combine with any norm_scheme
     init_scheme: str = 'normal'          # 'normal': 0.02 everywhere; 'scaled': residual-output projections
                                          # 0.02/sqrt(2L); 'depth': those 0.02/sqrt(2l)
@@ -90,9 +90,9 @@ class GPTConfig:
                               ('lns_position', LNS_POSITIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
-        if self.lns_position != 'norm' and self.norm_scheme != 'lns':
+        if self.lns_position != 'both_norms' and self.norm_scheme != 'lns':
             raise ValueError(f"lns_position only applies to norm_scheme='lns', not {self.norm_scheme!r}; "
-                             f"leave it 'norm'")
+                             f"leave it 'both_norms'")
         if self.norm_scheme == 'deepnorm' and self.init_scheme != 'normal':
             raise ValueError("deepnorm brings its own init; leave init_scheme='normal' with it")
         if self.layerscale and self.skipinit:
@@ -128,20 +128,22 @@ class GPTConfig:
         return cls(**values)
 
 
-def lns_scale(config, depth):
-    """The LayerNorm Scaling factor of block `depth` (1-based): 1/sqrt(l) under lns, else 1."""
-    return 1.0 / math.sqrt(depth) if config.norm_scheme == 'lns' else 1.0
+def lns_scale(config, index):
+    """The LayerNorm Scaling factor of block l = index (1-based): 1/sqrt(l) under lns, else 1."""
+    return 1.0 / math.sqrt(index) if config.norm_scheme == 'lns' else 1.0
 
 
-def block_layout(config, depth):
-    """Where block `depth` puts its norms: 'pre' (pre, lns, mix after the boundary), 'post' (post, deepnorm,
-    mix's first floor(mix_ratio * L) blocks) or 'peri'. Mix-LN's count of Post-LN blocks rounds down, as the
+def block_layout(config, index):
+    """Where block l = index puts its norms: 'norm_before' each sublayer (pre, lns, mix after the boundary),
+    'norm_after' each residual addition (post, deepnorm, mix's first floor(mix_ratio * L) blocks) or
+    'norm_around' each sublayer (peri). Mix-LN's count of Post-LN blocks rounds down, as the
     Mix-LN paper's floor(alpha L) does: at mix_ratio 0.25, 2 blocks give none, 6 give 1 and 10 give 2 (Python's
     round() would give 0, 2 and 2, sending halves to the even neighbour)."""
     if config.norm_scheme == 'mix':
         # to 6 decimals before rounding down, so that 0.29 * 100 = 28.999999999999996 still counts 29 blocks
-        return 'post' if depth <= math.floor(round(config.mix_ratio * config.n_layer, 6)) else 'pre'
-    return {'pre': 'pre', 'lns': 'pre', 'post': 'post', 'deepnorm': 'post', 'peri': 'peri'}[config.norm_scheme]
+        return 'norm_after' if index <= math.floor(round(config.mix_ratio * config.n_layer, 6)) else 'norm_before'
+    return {'pre': 'norm_before', 'lns': 'norm_before', 'post': 'norm_after', 'deepnorm': 'norm_after',
+            'peri': 'norm_around'}[config.norm_scheme]
 
 
 def deepnorm_constants(n_layer):
@@ -151,26 +153,19 @@ def deepnorm_constants(n_layer):
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt) or RMSNorm computed in fp32 (llama), with the output multiplied by a constant `scale`.
+    """LayerNorm (gpt) or RMSNorm (llama; statistics in fp32, output in the input's dtype)."""
 
-    The scale is a plain float fixed at construction. It is folded into the weight (and bias): N(x)*s equals
-    normalize(x)*(w*s) + b*s, which costs a vector multiply instead of one over the whole activation.
-    """
-
-    def __init__(self, config, scale=1.0):
+    def __init__(self, config):
         super().__init__()
         self.rms = config.arch == 'llama'
         self.eps = config.norm_eps
-        self.scale = float(scale)
         self.weight = nn.Parameter(torch.ones(config.n_embd), requires_grad=config.train_norm_gains)
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
 
     def forward(self, x):
-        weight = self.weight * self.scale if self.scale != 1.0 else self.weight
         if self.rms:
-            return F.rms_norm(x.float(), (x.size(-1),), weight.float(), self.eps).type_as(x)
-        bias = self.bias * self.scale if self.bias is not None and self.scale != 1.0 else self.bias
-        return F.layer_norm(x, (x.size(-1),), weight, bias, self.eps)
+            return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
 
 
 def rope_cos_sin(seq_len, head_dim, theta, device):
@@ -231,22 +226,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, depth):
+    """Block l of L. Its layout says where the norms sit: 'norm_before' each sublayer (pre, lns, mix after its
+    boundary), 'norm_after' each residual addition (post, deepnorm, mix's first blocks) or 'norm_around' each
+    sublayer, before and after (peri)."""
+
+    def __init__(self, config, index):
         super().__init__()
-        self.depth = depth  # l, 1-based
-        self.layout = block_layout(config, depth)
-        # LayerNorm Scaling multiplies by 1/sqrt(l) both norm outputs (lns_position 'norm', the method), one of
-        # them ('attn', 'mlp'), or the sublayer outputs instead ('sublayer'); the norms fold their factor in
-        self.lns_scale = lns_scale(config, depth)
-        position = config.lns_position
-        self.attn_norm = Norm(config, scale=self.lns_scale if position in ('norm', 'attn') else 1.0)
-        self.mlp_norm = Norm(config, scale=self.lns_scale if position in ('norm', 'mlp') else 1.0)
-        self.branch_scale = self.lns_scale if position == 'sublayer' else 1.0
-        self.attn = Attention(config)
-        self.mlp = MLP(config)
-        if self.layout == 'peri':
+        self.index = index  # l, 1-based
+        self.layout = block_layout(config, index)
+        self.attn_norm, self.mlp_norm = Norm(config), Norm(config)
+        self.attn, self.mlp = Attention(config), MLP(config)
+        if self.layout == 'norm_around':
             self.attn_out_norm, self.mlp_out_norm = Norm(config), Norm(config)
-        self.residual_scale = deepnorm_constants(config.n_layer)[0] if config.norm_scheme == 'deepnorm' else 1.0
+        # LayerNorm Scaling's 1/sqrt(l) (1 under other schemes), on both norm outputs (lns_position 'both_norms',
+        # the method), on one of them ('attn_norm', 'mlp_norm'), or on the sublayer outputs instead ('sublayer')
+        self.lns_scale = lns_scale(config, index)
+        position = config.lns_position
+        self.attn_norm_scale = self.lns_scale if position in ('both_norms', 'attn_norm') else 1.0
+        self.mlp_norm_scale = self.lns_scale if position in ('both_norms', 'mlp_norm') else 1.0
+        self.sublayer_lns_scale = self.lns_scale if position == 'sublayer' else 1.0
+        self.deepnorm_alpha = deepnorm_constants(config.n_layer)[0] if config.norm_scheme == 'deepnorm' else 1.0
         # learnable gains on the residual branches: LayerScale per channel, SkipInit one scalar
         self.attn_gain = self.mlp_gain = None
         if config.layerscale:
@@ -257,10 +256,20 @@ class Block(nn.Module):
             self.mlp_gain = nn.Parameter(torch.tensor(1 / math.sqrt(config.n_layer)))
         self.dropout = nn.Dropout(config.dropout)
 
-    def effective_norm_gain(self):
-        """The mean gain of the block's norms as the residual stream feels it: weight times the LNS factor."""
-        norms = [m for m in self.modules() if isinstance(m, Norm)]
-        return sum((norm.weight.float() * norm.scale).mean().item() for norm in norms) / len(norms)
+    def forward(self, x, rope):
+        if self.layout == 'norm_before':  # pre, lns, and mix after its boundary
+            # pre: h = x + A(N(x));           y = h + F(N(h))
+            # lns: h = x + A(N(x) / sqrt(l)); y = h + F(N(h) / sqrt(l))   (the *_norm_scale; 1 under pre)
+            h = x + self.branch(self.attn(self.attn_norm(x) * self.attn_norm_scale, rope), self.attn_gain)
+            return h + self.branch(self.mlp(self.mlp_norm(h) * self.mlp_norm_scale), self.mlp_gain)
+        if self.layout == 'norm_after':  # post and mix's first blocks (a = 1); deepnorm (a = (2L)^(1/4))
+            # h = N(a*x + A(x)); y = N(a*h + F(h))
+            a = self.deepnorm_alpha
+            h = self.attn_norm(a * x + self.branch(self.attn(x, rope), self.attn_gain))
+            return self.mlp_norm(a * h + self.branch(self.mlp(h), self.mlp_gain))
+        # peri: h = x + N2(A(N1(x))); y = h + N4(F(N3(h)))
+        h = x + self.branch(self.attn_out_norm(self.attn(self.attn_norm(x), rope)), self.attn_gain)
+        return h + self.branch(self.mlp_out_norm(self.mlp(self.mlp_norm(h))), self.mlp_gain)
 
     def branch(self, y, gain):
         """What a sublayer adds to the residual stream: its output after dropout, times the learnable gain
@@ -268,21 +277,14 @@ class Block(nn.Module):
         y = self.dropout(y)
         if gain is not None:
             y = y * gain
-        return y * self.branch_scale if self.branch_scale != 1.0 else y
+        return y * self.sublayer_lns_scale if self.sublayer_lns_scale != 1.0 else y
 
-    def forward(self, x, rope):
-        if self.layout == 'pre':  # pre; lns (1/sqrt(l) inside the norms); mix after its boundary
-            # h = x + A(N(x)); y = h + F(N(h))
-            h = x + self.branch(self.attn(self.attn_norm(x), rope), self.attn_gain)
-            return h + self.branch(self.mlp(self.mlp_norm(h)), self.mlp_gain)
-        if self.layout == 'post':  # post and mix's first blocks (a = 1); deepnorm (a = (2L)^(1/4))
-            # h = N(a*x + A(x)); y = N(a*h + F(h))
-            a = self.residual_scale
-            h = self.attn_norm(a * x + self.branch(self.attn(x, rope), self.attn_gain))
-            return self.mlp_norm(a * h + self.branch(self.mlp(h), self.mlp_gain))
-        # peri: h = x + N2(A(N1(x))); y = h + N4(F(N3(h)))
-        h = x + self.branch(self.attn_out_norm(self.attn(self.attn_norm(x), rope)), self.attn_gain)
-        return h + self.branch(self.mlp_out_norm(self.mlp(self.mlp_norm(h))), self.mlp_gain)
+    def effective_norm_gain(self):
+        """The mean gain of the block's norms as the residual stream feels it: weight times the LNS factor."""
+        gains = [self.attn_norm.weight * self.attn_norm_scale, self.mlp_norm.weight * self.mlp_norm_scale]
+        if self.layout == 'norm_around':
+            gains += [self.attn_out_norm.weight, self.mlp_out_norm.weight]
+        return sum(gain.float().mean().item() for gain in gains) / len(gains)
 
 
 class GPT(nn.Module):
@@ -292,7 +294,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.arch == 'gpt' else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, depth) for depth in range(1, config.n_layer + 1))
+        self.blocks = nn.ModuleList(Block(config, index) for index in range(1, config.n_layer + 1))
         self.final_norm = Norm(config)  # never scaled
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -319,7 +321,7 @@ class GPT(nn.Module):
                     nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * L))
             elif self.config.init_scheme == 'depth':
                 for weight in residual_outputs:
-                    nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * block.depth))
+                    nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * block.index))
             if self.config.norm_scheme == 'deepnorm':
                 # Xavier-normal per projection (each slice of a fused matrix has its own fan-out):
                 # gain 1 for query and key, b = (8L)^(-1/4) for value, attention output and the MLP
@@ -372,7 +374,7 @@ class GPT(nn.Module):
         x = self.dropout(x)
         residuals = [x]
         for block in self.blocks:
-            if block.depth in skip:
+            if block.index in skip:
                 pass
             elif self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)

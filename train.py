@@ -71,7 +71,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     tie_embeddings: Optional[bool] = None
     mix_ratio: float = 0.25
-    lns_position: str = 'norm'
+    lns_position: str = 'both_norms'
     init_scheme: str = 'normal'
     layerscale: bool = False
     layerscale_init: Optional[float] = None

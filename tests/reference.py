@@ -46,7 +46,7 @@ def reference_norm(config, norm, x):
 def reference_residuals(model, idx, skip=()):
     """The residual stream entering block 1, then after each block l = 1..L, from the formulas:
     pre       h = x + A(N(x));             y = h + F(N(h))
-    lns       pre with N(.) * 1/sqrt(l) (lns_position 'norm'; 'attn'/'mlp' one norm; 'sublayer' A(.), F(.))
+    lns       pre with N(.) * 1/sqrt(l) (lns_position 'both_norms'; 'attn_norm'/'mlp_norm' one; 'sublayer' A(.), F(.))
     post      h = N(x + A(x));             y = N(h + F(h))
     deepnorm  h = N(a*x + A(x));           y = N(a*h + F(h)), a = (2L)^(1/4)
     mix       post for the blocks l <= mix_ratio * L (mix_ratio read as the decimal written), pre after
@@ -87,8 +87,8 @@ def reference_residuals(model, idx, skip=()):
             else:
                 s = 1 / math.sqrt(depth) if scheme == 'lns' else 1.0
                 position = config.lns_position
-                s_attn_norm = s if position in ('norm', 'attn') else 1.0
-                s_mlp_norm = s if position in ('norm', 'mlp') else 1.0
+                s_attn_norm = s if position in ('both_norms', 'attn_norm') else 1.0
+                s_mlp_norm = s if position in ('both_norms', 'mlp_norm') else 1.0
                 s_sublayer = s if position == 'sublayer' else 1.0
                 h = x + s_sublayer * g_attn * A(N(block.attn_norm, x) * s_attn_norm)
                 x = h + s_sublayer * g_mlp * F(N(block.mlp_norm, h) * s_mlp_norm)

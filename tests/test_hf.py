@@ -161,13 +161,13 @@ EXPORTS = {  # name: (our settings, the stock class transformers must load)
                                             'GPT2LMHeadModel'),
     'gpt lns on sublayers, layerscale, no biases': (dict(arch='gpt', norm_scheme='lns', lns_position='sublayer',
                                                          layerscale=True, bias=False), 'GPT2LMHeadModel'),
-    'gpt lns on attention, skipinit': (dict(arch='gpt', norm_scheme='lns', lns_position='attn', skipinit=True),
+    'gpt lns on attention, skipinit': (dict(arch='gpt', norm_scheme='lns', lns_position='attn_norm', skipinit=True),
                                        'GPT2LMHeadModel'),
     'llama pre': (dict(arch='llama'), 'LlamaForCausalLM'),
     'llama lns, tied head, grouped-query': (dict(arch='llama', norm_scheme='lns', tie_embeddings=True, n_kv_head=2),
                                             'LlamaForCausalLM'),
-    'llama lns on attention': (dict(arch='llama', norm_scheme='lns', lns_position='attn'), 'LlamaForCausalLM'),
-    'llama lns on the mlp, biases': (dict(arch='llama', norm_scheme='lns', lns_position='mlp', bias=True),
+    'llama lns on attention': (dict(arch='llama', norm_scheme='lns', lns_position='attn_norm'), 'LlamaForCausalLM'),
+    'llama lns on the mlp, biases': (dict(arch='llama', norm_scheme='lns', lns_position='mlp_norm', bias=True),
                                      'LlamaForCausalLM'),
     'llama lns on sublayers, skipinit': (dict(arch='llama', norm_scheme='lns', lns_position='sublayer',
                                               skipinit=True), 'LlamaForCausalLM'),
@@ -188,7 +188,7 @@ def test_exported_logits_equal_transformers_stock_class(tmp_path, name):
     assert max_logit_difference(stock, ours) <= 1e-4
 
 
-@pytest.mark.parametrize('position', ['norm', 'attn', 'mlp', 'sublayer'])
+@pytest.mark.parametrize('position', ['both_norms', 'attn_norm', 'mlp_norm', 'sublayer'])
 def test_lns_factor_1_over_sqrt_l_sits_in_the_norm_weights_or_output_projections(tmp_path, position):
     ours = random_model(arch='llama', norm_scheme='lns', lns_position=position)
     to_hf(ours, tmp_path / 'hf')
@@ -197,8 +197,8 @@ def test_lns_factor_1_over_sqrt_l_sits_in_the_norm_weights_or_output_projections
     for l, block in enumerate(ours.blocks, start=1):
         layer, s = f'model.layers.{l - 1}.', 1 / math.sqrt(l)
         expected = {
-            'input_layernorm.weight': block.attn_norm.weight * (s if position in ('norm', 'attn') else 1),
-            'post_attention_layernorm.weight': block.mlp_norm.weight * (s if position in ('norm', 'mlp') else 1),
+            'input_layernorm.weight': block.attn_norm.weight * (s if position in ('both_norms', 'attn_norm') else 1),
+            'post_attention_layernorm.weight': block.mlp_norm.weight * (s if position in ('both_norms', 'mlp_norm') else 1),
             'self_attn.o_proj.weight': block.attn.proj.weight * (s if position == 'sublayer' else 1),
             'mlp.down_proj.weight': block.mlp.proj.weight * (s if position == 'sublayer' else 1)}
         for name, tensor in expected.items():

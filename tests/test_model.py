@@ -55,8 +55,7 @@ def test_lns_factor_is_a_plain_float_outside_the_state_dict():
     model = GPT(tiny_config('llama', 'lns', n_layer=6))
     for depth, block in enumerate(model.blocks, start=1):
         assert type(block.lns_scale) is float and block.lns_scale == 1 / math.sqrt(depth)
-        assert block.attn_norm.scale == block.mlp_norm.scale == block.lns_scale
-    assert model.final_norm.scale == 1.0
+        assert block.attn_norm_scale == block.mlp_norm_scale == block.lns_scale and block.sublayer_lns_scale == 1.0
     assert not any('scale' in name for name in model.state_dict())
     # building on the meta device and materialising it (as large runs do) cannot wipe a Python float
     with torch.device('meta'):

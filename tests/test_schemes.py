@@ -73,7 +73,7 @@ def test_deepnorm_constants(n_layer, a, b):
     assert deepnorm_constants(n_layer) == pytest.approx((a, b), abs=1e-5)
     with torch.device('meta'):
         model = GPT(GPTConfig(arch='llama', norm_scheme='deepnorm', n_layer=n_layer, n_head=2, n_embd=16))
-    assert all(block.residual_scale == pytest.approx(a, abs=1e-5) for block in model.blocks)
+    assert all(block.deepnorm_alpha == pytest.approx(a, abs=1e-5) for block in model.blocks)
 
 
 # Mix-LN's Post-LN blocks are floor(mix_ratio * L): at 2, 6 and 10 blocks the product ends in a half, where
@@ -83,8 +83,8 @@ def test_deepnorm_constants(n_layer, a, b):
                                                              (12, 0.5, 6), (7, 0.5, 3), (100, 0.29, 29)])
 def test_mix_ln_uses_post_ln_for_the_first_mix_ratio_of_blocks_rounded_down(n_layer, mix_ratio, post_blocks):
     config = GPTConfig(arch='llama', norm_scheme='mix', mix_ratio=mix_ratio, n_layer=n_layer, n_head=2, n_embd=16)
-    layouts = [block_layout(config, depth) for depth in range(1, n_layer + 1)]
-    assert layouts == ['post'] * post_blocks + ['pre'] * (n_layer - post_blocks)
+    layouts = [block_layout(config, index) for index in range(1, n_layer + 1)]
+    assert layouts == ['norm_after'] * post_blocks + ['norm_before'] * (n_layer - post_blocks)
 
 
 @pytest.mark.parametrize('n_layer', [2, 6, 10])
