@@ -108,7 +108,8 @@ def sample(spec, cfg):
         raise UserError(f"{error}; write --start with characters from its training text") from None
     if not ids:
         raise UserError("the prompt has no tokens; give a non-empty --start")
-    skipping = f", without blocks {', '.join(map(str, skip_layers))}" if skip_layers else ''
+    skipping = f", without block{'s' if len(skip_layers) > 1 else ''} {', '.join(map(str, skip_layers))}" \
+        if skip_layers else ''
     print(f"{loaded.name}: {loaded.description}{skipping}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
