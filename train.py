@@ -9,6 +9,7 @@ Every knob is a field of TrainConfig below; its default is the documentation. Mo
 model.GPTConfig's fields.
 """
 
+
 import ast
 import datetime
 import glob
@@ -21,7 +22,7 @@ import threading
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, get_args, get_type_hints
 
 import numpy as np
@@ -52,32 +53,13 @@ class TrainConfig:
     dataset: str = 'shakespeare_char'      # a folder under data/ made by its prepare.py
     data_dir: str = ''                     # '' means data/<dataset> beside this file
     batch_size: int = 16                   # sequences per micro-step
-    block_size: int = 64                   # tokens per sequence
+    block_size: int = 64                   # tokens per sequence (the model's block_size too)
     gradient_accumulation_steps: int = 1   # micro-steps per optimizer step, all processes together (torchrun
                                            # divides them), so the global batch does not depend on the GPU count
-    # model: model.GPTConfig's fields, documented there; None: the architecture's default (vocab_size: the dataset's)
-    arch: str = 'llama'
-    norm_scheme: str = 'lns'
-    n_layer: int = 12
-    n_head: int = 4
-    n_kv_head: Optional[int] = None
-    n_embd: int = 128
-    ffn_hidden: Optional[int] = None
-    vocab_size: Optional[int] = None
-    bias: Optional[bool] = None
-    qkv_bias: Optional[bool] = None
-    dropout: float = 0.0
-    norm_eps: Optional[float] = None
-    rope_theta: float = 10000.0
-    tie_embeddings: Optional[bool] = None
-    mix_ratio: float = 0.25
-    lns_position: str = 'both_norms'
-    init_scheme: str = 'normal'
-    layerscale: bool = False
-    layerscale_init: Optional[float] = None
-    skipinit: bool = False
-    embedding_init_std: float = 0.02
-    train_norm_gains: bool = True
+    # the model: settings of model.GPTConfig, which declares, defaults and documents each one. Config files and
+    # --key=value set them by name like any other setting (--n_layer=24); vocab_size unset or None: the dataset's.
+    # The default run is a small deep Llama with LNS; every setting not named here takes GPTConfig's default.
+    model: dict = field(default_factory=lambda: dict(arch='llama', norm_scheme='lns', n_layer=12, n_head=4, n_embd=128))
     # AdamW
     learning_rate: float = 2e-3            # peak learning rate
     max_iters: int = 1500                  # optimizer steps in all
@@ -100,128 +82,266 @@ class TrainConfig:
     ddp_timeout_minutes: int = 30          # a process waiting this long in a collective fails the job
     seed: int = 1337
 
+    def settings(self):
+        """Every setting by name, flat, the model's among them (GPTConfig's defaults where unset)."""
+        values = asdict(self)
+        defaults = {f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS} | {'vocab_size': None}
+        return {**{k: v for k, v in values.items() if k != 'model'}, **defaults, **values['model']}
 
-MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+
+# what config files and --key=value can set, with the type each takes: the trainer's settings and the model's
+# (GPTConfig's, but block_size, which the trainer sets; vocab_size may be None, for the dataset's)
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'block_size']
+SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items() if key in MODEL_KEYS},
+                 'vocab_size': Optional[int],
+                 **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
-# the valid range of each numeric setting: (lowest, first value too high or None, lowest excluded, in words)
-AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
-    (0, None, True, 'positive')
-RANGES = {
-    **dict.fromkeys(['eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
-                     'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes', 'lr_decay_iters'], AT_LEAST_1),
-    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
-    'learning_rate': POSITIVE,
-    **dict.fromkeys(['beta1', 'beta2', 'dropout'], (0, 1, False, 'in [0, 1)')),
-}
 
 
 class UserError(Exception):
     """A problem the user can fix; main() prints its one-sentence message and exits non-zero."""
 
 
-# ----------------------------------------------------------------------------- configuration
-
-def _describe(annotation):
-    names = [t.__name__ for t in get_args(annotation) or (annotation,)]
-    return ' or '.join('None' if n == 'NoneType' else f"a {n}" if n != 'int' else 'an int' for n in names)
+class Diverged(UserError):
+    """A non-finite loss: the run stops without saving, and the exit status says so (3)."""
 
 
-def check_value(key, value, source):
-    """Returns value as the type TrainConfig declares for key (an int is fine for a float); UserError otherwise."""
-    hints = get_type_hints(TrainConfig)
-    if key not in hints:
-        raise UserError(f"unknown setting {key!r} in {source}; known settings are: {', '.join(hints)}")
-    allowed = get_args(hints[key]) or (hints[key],)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return None
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, bool):
-            continue
-        if kind is not type(None) and isinstance(value, kind):
-            return value
-    raise UserError(f"{key} expects {_describe(hints[key])}, but {source} gives {value!r}")
+# ----------------------------------------------------------------------------- the training loop
 
+def train(cfg, dist, device):
+    """Trains the model cfg describes; returns the best validation loss."""
+    data_dir, meta, config = check_inputs(cfg, dist)
+    checkpoint = load_resume_checkpoint(cfg, config) if cfg.init_from == 'resume' else None
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
-def _parse_literal(key, raw):
-    hints = get_type_hints(TrainConfig)
-    if key in hints and str in (get_args(hints[key]) or (hints[key],)):
-        return raw
-    words = {'true': True, 'false': False, 'none': None}
-    if raw.lower() in words:
-        return words[raw.lower()]
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model, optimizer, autocast, scaler = build_model(cfg, config, device)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
+    data = TokenData(data_dir, meta, cfg.seed)
+    sampler = torch.Generator().manual_seed(cfg.seed)  # the same in every process: see train_batches
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
+    eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
+    iter_num, best_val_loss = 0, float('inf')
+    if checkpoint is not None:
+        iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path)
+        checkpoint = None  # free its memory
+    resumed_at = iter_num if iter_num > 0 else None  # that iteration was evaluated and saved before the stop
+    if dist.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print_startup(cfg, config, model, device, dist)
+    train_model = wrap_for_training(model, cfg, dist, device)
+    writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
+    health, stopwatch, progress = TrainingHealth(device), Stopwatch(device), Progress(cfg, model, device, dist, log_path)
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # check_value then names what was expected
+        while True:
+            last = iter_num >= cfg.max_iters
+            if (iter_num % cfg.eval_interval == 0 or last) and iter_num != resumed_at:
+                stopwatch.pause()
+                health.check(iter_num, dist, log_path)
+                val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
+                improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
+                if not cfg.always_save_checkpoint and improved and iter_num > 0:
+                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+            if (cfg.always_save_checkpoint and (iter_num % (cfg.checkpoint_interval or cfg.eval_interval) == 0 or last)
+                    and iter_num > 0 and iter_num != resumed_at):
+                stopwatch.pause()
+                health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
+                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+            if last:
+                break
+
+            stopwatch.resume()
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            logging = (iter_num + 1) % cfg.log_interval == 0
+            batches = train_batches(iter_num, sampler, data, device, cfg, dist)
+            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
+                                         need_grad_norm=logging)
+            health.record(loss, iter_num)
+            iter_num += 1
+            stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
+            if logging:
+                seconds_per_iter = stopwatch.read()
+                progress.log(iter_num, lr, health.check(iter_num - 1, dist, log_path) / dist.world_size, grad_norm,
+                             seconds_per_iter)
+    finally:
+        if writer is not None:
+            writer.close()  # a save in flight is finished, never abandoned
+    if dist.ddp:  # leave together: a process that tears down its group while rank 0 still saves can abort
+        torch.distributed.barrier()
+    return best_val_loss
 
 
-def read_config_file(path):
-    """The plain assignments of a Python config file, as a dict (names starting with _ and modules ignored)."""
+def wrap_for_training(model, cfg, dist, device):
+    """The module the training step calls: compiled if asked, in DDP under torchrun. The bare model is the one
+    evaluated and saved, so checkpoints never carry a compile or DDP prefix."""
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist.ddp:
+        # gradients live in DDP's communication buckets (no second copy); 100 MB buckets: a few dozen all-reduces
+        # per step for 350M-1B models instead of DDP's default 25 MB's hundreds
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
+                          gradient_as_bucket_view=True, bucket_cap_mb=100)
+    if cfg.wandb_log and dist.master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.settings())
+    return train_model
+
+
+class Progress:
+    """The training log line and log.jsonl record: loss, learning rate, gradient norm, speed and MFU."""
+
+    def __init__(self, cfg, model, device, dist, log_path):
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        self.flops_per_iter = model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        _, peak = peak_flops(device, cfg.dtype)
+        self.peak = peak * dist.world_size if peak else None
+        self.master, self.log_path, self.wandb = dist.master, log_path, cfg.wandb_log
+
+    def log(self, iter_num, lr, loss, grad_norm, seconds_per_iter):
+        if not self.master:
+            return
+        record = {'iter': iter_num, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm.item(),
+                  'ms_per_iter': None, 'tokens_per_sec': None, 'mfu': None}
+        speed = 'timing starts after the first step'
+        if seconds_per_iter is not None:  # None: only the first step (compilation) since the start
+            record.update(ms_per_iter=1000 * seconds_per_iter, tokens_per_sec=self.tokens_per_iter / seconds_per_iter,
+                          mfu=self.flops_per_iter / seconds_per_iter / self.peak if self.peak else None)
+            speed = (f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU "
+                     + (f"{record['mfu']:.1%}" if record['mfu'] is not None else 'unknown'))
+        print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, {speed}")
+        append_log(self.log_path, record)
+        if self.wandb:
+            import wandb
+            wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- set-up, in the order train() calls it
+
+def check_inputs(cfg, dist):
+    """Everything about the data and out_dir that can be wrong, before anything is built or written."""
+    if cfg.gradient_accumulation_steps % dist.world_size:
+        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+                        f"number of processes ({dist.world_size}) to keep the global batch; change one of them")
+    data_dir = resolve_data_dir(cfg)
+    meta = read_meta(data_dir, cfg.dataset)
+    config = model_config(cfg, meta['vocab_size'])
+    if meta['vocab_size'] > config.vocab_size:
+        raise UserError(f"dataset {cfg.dataset!r} has {meta['vocab_size']} token ids but the model's vocab_size is "
+                        f"{config.vocab_size}; raise vocab_size or leave it unset")
+    rows = meta.get('layout', 'packed') == 'rows'
+    if rows and cfg.block_size != meta['row_length']:
+        raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
+                        f"{cfg.block_size}; set block_size={meta['row_length']}")
+    for split in ('train', 'val'):
+        tokens = open_tokens(data_dir, split)
+        if rows and len(tokens) % meta['row_length']:
+            raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
+                            f"prepare the data again")
+        if len(tokens) <= cfg.block_size:
+            raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {cfg.block_size}; "
+                            f"lower block_size or prepare more data")
+        largest = int(tokens[:CHECKED_TOKENS].max())  # a prefix: enough to catch data from another tokenizer
+        if largest >= config.vocab_size:
+            raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
+                            f"{config.vocab_size}; prepare the data again or raise vocab_size")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
+    return data_dir, meta, config
+
+
+def load_resume_checkpoint(cfg, config):
+    """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
+    and no GPU holds a second copy of the weights and optimizer state."""
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
     try:
-        with open(path) as f:
-            source = f.read()
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
-    namespace = {}
-    try:
-        exec(compile(source, path, 'exec'), {}, namespace)
-    except Exception as error:
-        raise UserError(f"config file {path} failed to run: {type(error).__name__}: {error}") from None
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
-
-
-def parse_config(argv):
-    """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order."""
-    values = {}
-    for arg in argv:
-        if arg.startswith('--'):
-            key, has_value, raw = arg[2:].partition('=')
-            if not has_value or not key:
-                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
-            values[key] = check_value(key, _parse_literal(key, raw), f"--{key}")
-        elif arg.endswith('.py'):
-            for key, value in read_config_file(arg).items():
-                values[key] = check_value(key, value, arg)
-        else:
-            raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
-    cfg = TrainConfig(**values)
-    if cfg.init_from not in ('scratch', 'resume'):
-        raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
-    for key, (low, high, low_open, rule) in RANGES.items():
-        value = getattr(cfg, key)
-        if value is not None and (value < low or (low_open and value == low) or (high is not None and value >= high)):
-            raise UserError(f"{key} must be {rule}, not {value}")
-    if cfg.min_lr > cfg.learning_rate:
-        raise UserError(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate}); lower min_lr")
-    return cfg
-
-
-def model_config(cfg, vocab_size):
-    """GPTConfig from the model knobs of cfg; vocab_size is used when cfg leaves it None."""
-    values = {key: getattr(cfg, key) for key in MODEL_KEYS}
-    values['vocab_size'] = cfg.vocab_size or vocab_size
-    try:
-        return GPTConfig(**values)
+        checkpoint = read_checkpoint(ckpt_path)
     except ValueError as error:
         raise UserError(str(error)) from None
+    try:  # resolved again, so that settings added since the checkpoint take their defaults
+        saved = GPTConfig.from_dict(checkpoint['model_config']).to_dict()
+    except ValueError as error:
+        raise UserError(f"{ckpt_path} holds a model this version cannot build: {error}") from None
+    if saved != config.to_dict():
+        differences = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in config.to_dict().items() if saved.get(k) != v]
+        raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
+                        f"resume with the checkpoint's settings or use another out_dir")
+    return checkpoint
 
 
-def get_lr(it, cfg):
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it >= decay_iters:
-        return cfg.min_lr
-    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+def build_model(cfg, config, device):
+    """(model, optimizer, autocast, scaler) as cfg asks, the weights drawn from the current seed."""
+    model = GPT(config).to(device)
+    if cfg.dtype == 'pure_bfloat16':
+        # no fp32 master copy: an Adam step below half a bf16 spacing (2^-8 just under 1) rounds away, so norm gains
+        # of 1 stay exactly 1 at lr 1e-3 (README, "The authors' recipe")
+        model.to(torch.bfloat16)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    autocast, scaler = mixed_precision(cfg.dtype, device)
+    return model, optimizer, autocast, scaler
+
+
+def mixed_precision(dtype, device):
+    """(autocast context, grad scaler) for dtype; also allows TF32 matmuls on GPUs (CPU float32 stays exact)."""
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
+        device.type, dtype=getattr(torch, dtype))
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+
+
+def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path):
+    """Weights, optimizer, scaler and RNG states from a checkpoint loaded on the CPU, and the log cut back to its
+    iteration; (iter_num, best_val_loss)."""
+    model.load_state_dict(checkpoint['model'])  # copies onto the model's device
+    optimizer.load_state_dict(checkpoint['optimizer'])  # moves the state to its parameters' device
+    scaler.load_state_dict(checkpoint['scaler'])
+    ranks = checkpoint['rng']
+    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
+    if len(ranks) != dist.world_size:  # another process count: the data order is kept, dropout draws fresh
+        torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
+    if dist.master:
+        truncate_log(log_path, checkpoint['iter_num'])
+        print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {checkpoint['iter_num']}")
+    return checkpoint['iter_num'], checkpoint['best_val_loss']
+
+
+def restore_rng_state(state, sampler):
+    sampler.set_state(state['sampler'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def truncate_log(path, last_iter):
+    """Drops log records after last_iter (written by a run that died after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)['iter'] <= last_iter]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def print_startup(cfg, config, model, device, dist):
+    print('config:', ', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k != 'model'))
+    print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    device_name, peak = peak_flops(device, cfg.dtype)
+    ddp = f", DDP over {torch.distributed.get_backend()}" if dist.ddp else ''
+    print(f"{dist.world_size} process(es){ddp} on {device_name} "
+          f"(peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
+          f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
+    print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
+          f"{cfg.gradient_accumulation_steps} micro-steps ({cfg.gradient_accumulation_steps // dist.world_size} "
+          f"per process); {model.flops_per_token(cfg.block_size):,} FLOPs per token")
+    print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
 
 
 # ----------------------------------------------------------------------------- data
@@ -328,16 +448,263 @@ def to_device(x, device):
     return x.to(device)
 
 
+def train_batches(iter_num, sampler, data, device, cfg, dist):
+    """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
+    sequences of the whole global batch and takes its own share of the micro-steps."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
+    return (data.read('train', batch, cfg.block_size, device) for batch in mine)
+
+
+# ----------------------------------------------------------------------------- one step, health and speed
+
+def get_lr(it, cfg):
+    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it >= decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
+    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
+    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
+    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    x, y = next(batches)
+    loss_sum = torch.zeros((), device=x.device)
+    for micro_step in range(micro_steps):
+        if dist.ddp:  # average gradients across processes only after the last micro-step
+            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast:
+            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
+        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
+        scaler.scale(loss / micro_steps).backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0 or need_grad_norm:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / micro_steps, grad_norm
+
+
+class TrainingHealth:
+    """The training loss kept on the device: the latest step's, and the first iteration whose loss was not finite.
+    check() reads them (one wait for the device) and is called only when logging, evaluating or saving."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.no_iteration = torch.full((), 2 ** 62, dtype=torch.long, device=device)
+
+    def record(self, loss, iter_num):
+        self.loss = loss
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, iter_num), self.first_bad)
+
+    def check(self, iter_num, dist, log_path):
+        """The latest loss summed over processes; Diverged naming the first non-finite iteration of any process."""
+        first_bad = all_reduce(torch.where(self.first_bad < 0, self.no_iteration, self.first_bad).clone(), dist,
+                               torch.distributed.ReduceOp.MIN if dist.ddp else None).item()
+        loss = all_reduce(self.loss.detach().float().clone(), dist).item()
+        if first_bad != self.no_iteration.item():
+            if dist.master:
+                append_log(log_path, {'iter': first_bad, 'diverged': 'train'})
+            raise Diverged(f"training loss is not finite at iteration {first_bad}; stopped at iteration {iter_num} "
+                           f"without saving (lower learning_rate or set grad_clip)")
+        return loss
+
+
+class Stopwatch:
+    """Training time per iteration between log lines, with evaluations and saves left out, and the first step
+    after a start or resume (compilation) too. Waits for the device only where the loop waits anyway."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds, self.steps, self.started = 0.0, 0, None
+
+    def resume(self):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def pause(self):
+        if self.started is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    def step_done(self, first_of_process):
+        if first_of_process:  # compilation and warm-up: start timing from here
+            synchronize(self.device)
+            self.seconds, self.steps, self.started = 0.0, 0, time.perf_counter()
+        else:
+            self.steps += 1
+
+    def read(self):
+        """Seconds per iteration since the last read (None when no step was timed), and starts a new window."""
+        self.pause()
+        per_iter = self.seconds / self.steps if self.steps else None
+        self.seconds, self.steps = 0.0, 0
+        self.resume()
+        return per_iter
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path):
+    """Evaluates, logs the losses and the per-block depth diagnostics, and returns the validation loss; a
+    non-finite one stops the run (Diverged) before anything is saved."""
+    losses = estimate_loss(model, data, eval_batches, cfg.block_size, device, autocast, dist)
+    if not math.isfinite(losses['val']):
+        if dist.master:
+            append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
+        raise Diverged(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without saving "
+                       f"(lower learning_rate or set grad_clip)")
+    if not dist.master:
+        return losses['val']
+    record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']}
+    line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+    if data.layout == 'rows':  # beside the authors' estimator, so that a number compares with their Table 1
+        record.update(val_ppl=math.exp(losses['val']), val_loss_authors=losses['val_authors'],
+                      val_ppl_authors=math.exp(losses['val_authors']))
+        line += f" (perplexity {record['val_ppl']:.2f}; the authors' estimator: {record['val_ppl_authors']:.2f})"
+    x, y = data.read('val', eval_batches['val'][0], cfg.block_size, device)
+    record.update(depth_diagnostics(model, x, y, autocast))
+    print(line)
+    append_log(log_path, record)
+    if cfg.wandb_log:
+        import wandb  # initialised by train()
+        wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
+    return losses['val']
+
+
+@torch.no_grad()
+def estimate_loss(model, data, eval_batches, block_size, device, autocast, dist):
+    """Per split, the mean loss per target token over its fixed evaluation batches, shared out among the processes;
+    and 'val_authors', the authors' estimator: the sum of per-batch mean losses over (batches + 1), which reads
+    slightly low."""
+    model.eval()
+    losses = {}
+    for split, batches in eval_batches.items():
+        mine = batches[dist.rank::dist.world_size]
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x tokens, tokens, batch means, batches
+        quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
+        for starts in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
+            x, y = data.read(split, starts, block_size, device)
+            with autocast:
+                _, loss = model(x, y, return_logits=False)
+            tokens = (y >= 0).sum().double()
+            loss = loss.double()
+            sums += torch.stack([torch.where(tokens > 0, loss * tokens, 0.0), tokens, loss, torch.ones_like(loss)])
+        loss_tokens, tokens, batch_means, count = all_reduce(sums, dist).tolist()
+        losses[split] = loss_tokens / tokens
+        if split == 'val':
+            losses['val_authors'] = batch_means / (count + 1)
+    model.train()
+    return losses
+
+
+def depth_diagnostics(model, x, y, autocast):
+    """Per block l = 1..L, on one fixed batch in eval mode: the variance of the residual stream after the block
+    (the paper's Figure 4), the mean effective gain of its norms (weight times the LNS factor), and the gradient
+    norm of its parameters. torch.autograd.grad leaves .grad alone, so training is untouched (DDP too)."""
+    model.eval()
+    with torch.enable_grad(), autocast:
+        _, loss, residuals = model(x, y, return_residuals=True, return_logits=False)
+        params = [[p for p in block.parameters() if p.requires_grad] for block in model.blocks]
+        grads = torch.autograd.grad(loss, [p for block in params for p in block], allow_unused=True)
+    grad_norms, i = [], 0
+    for block in params:
+        block_grads = [g.float() for g in grads[i:i + len(block)] if g is not None]
+        grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in block_grads])).item()
+                          if block_grads else 0.0)
+        i += len(block)
+    model.train()
+    return {'block_variance': [r.float().var(unbiased=False).item() for r in residuals[1:]],
+            'block_norm_gain': [block.effective_norm_gain() for block in model.blocks],
+            'block_grad_norm': grad_norms}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_atomically(path, state):
-    """torch.save to a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist):
+    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background."""
+    rng_states = [rng_state(sampler)]
+    if dist.ddp:
+        rng_states = [None] * dist.world_size
+        torch.distributed.all_gather_object(rng_states, rng_state(sampler))
+    if writer is not None:
+        writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': cfg.settings(),
+                     'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
+
+
+def rng_state(sampler):
+    state = {'sampler': sampler.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+class CheckpointWriter:
+    """Saves checkpoints in the background: save() copies the state into CPU memory (all that training waits for),
+    then a thread writes it with save_checkpoint, atomically, while training goes on. One write at a time: a save
+    waits for the previous write, and close() for the last one. A failed write raises on the next save or close."""
+
+    def __init__(self, out_dir, keep_last_n, log_path):
+        self.out_dir, self.keep_last_n, self.log_path = out_dir, keep_last_n, log_path
+        self.thread, self.error = None, None
+
+    def save(self, state):
+        self.wait()
+        start = time.perf_counter()
+        state = to_cpu(state)  # copies: the live tensors keep changing while the thread writes
+        copy_seconds = time.perf_counter() - start
+        self.thread = threading.Thread(target=self._write, args=(state, copy_seconds), name='checkpoint-writer')
+        self.thread.start()
+
+    def _write(self, state, copy_seconds):
+        try:
+            start = time.perf_counter()
+            save_checkpoint(self.out_dir, state, self.keep_last_n)
+            write_seconds = time.perf_counter() - start
+            print(f"saved ckpt.pt at iteration {state['iter_num']}: {copy_seconds:.2f} s copying to CPU memory "
+                  f"(training waited), {write_seconds:.2f} s writing in the background")
+            append_log(self.log_path, {'iter': state['iter_num'], 'checkpoint_copy_seconds': copy_seconds,
+                                       'checkpoint_write_seconds': write_seconds})
+        except BaseException as error:  # handed to the training thread
+            self.error = error
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise UserError(f"writing a checkpoint to {self.out_dir} failed: {error}") from error
+
+    def close(self):
+        self.wait()
+
+
+def to_cpu(state):
+    """A copy of a (nested) state dict with every tensor copied into CPU memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to('cpu', copy=True)
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(value) for value in state)
+    return state
 
 
 def save_checkpoint(out_dir, state, keep_last_n=0):
@@ -359,29 +726,13 @@ def save_checkpoint(out_dir, state, keep_last_n=0):
         os.remove(old)
 
 
-def rng_state(sampler):
-    state = {'sampler': sampler.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state, sampler):
-    sampler.set_state(state['sampler'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def truncate_log(path, last_iter):
-    """Drops log records after last_iter (written by a run that died after its last checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['iter'] <= last_iter]
+def write_atomically(path, state):
+    """torch.save to a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(lines)
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -449,6 +800,8 @@ PEAK_FLOPS = [(('H200', 'NVL'), 835e12, 418e12), (('H200',), 989e12, 495e12),
               (('H100', 'PCIe'), 756e12, 378e12), (('H100', 'NVL'), 835e12, 418e12), (('H100',), 989e12, 495e12),
               (('A100',), 312e12, 156e12), (('L40S',), 362e12, 183e12), (('L40',), 181e12, 90e12),
               (('L4',), 121e12, 60e12), (('A10',), 125e12, 62e12), (('V100',), 125e12, None)]
+
+
 NO_BF16 = ('V100',)  # Volta has fp16 tensor cores only: bf16 runs without them
 
 
@@ -467,28 +820,6 @@ def peak_flops(device, dtype='bfloat16'):
     return name, None
 
 
-def mixed_precision(dtype, device):
-    """(autocast context, grad scaler) for dtype; also allows TF32 matmuls on GPUs (CPU float32 stays exact)."""
-    if device.type == 'cuda':
-        torch.set_float32_matmul_precision('high')
-    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
-        device.type, dtype=getattr(torch, dtype))
-    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
-
-
-def build_model(cfg, config, device):
-    """(model, optimizer, autocast, scaler) as cfg asks, the weights drawn from the current seed."""
-    model = GPT(config).to(device)
-    if cfg.dtype == 'pure_bfloat16':
-        # no fp32 master copy: an Adam step below half a bf16 spacing (2^-8 just under 1) rounds away, so norm gains
-        # of 1 stay exactly 1 at lr 1e-3 (README, "The authors' recipe")
-        model.to(torch.bfloat16)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    autocast, scaler = mixed_precision(cfg.dtype, device)
-    return model, optimizer, autocast, scaler
-
-
 _log_lock = threading.Lock()  # the checkpoint writer's thread logs too
 
 
@@ -497,427 +828,109 @@ def append_log(path, record):
         f.write(json.dumps(record) + '\n')
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- configuration
 
-def train(cfg, dist, device):
-    data_dir, meta, config = check_inputs(cfg, dist)
-    checkpoint = load_resume_checkpoint(cfg, config) if cfg.init_from == 'resume' else None
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model, optimizer, autocast, scaler = build_model(cfg, config, device)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    # the same data offsets in every process (see train_batches): no two processes see the same windows, and N
-    # processes see exactly what one process with N times the micro-steps would
-    data = TokenData(data_dir, meta, cfg.seed)
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
-    eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
-
-    iter_num, best_val_loss = 0, float('inf')
-    if checkpoint is not None:
-        iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist)
-        if dist.master:
-            truncate_log(log_path, iter_num)
-            print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {iter_num}")
-        checkpoint = None  # free its memory
-    resumed_at = iter_num if iter_num > 0 else None  # that iteration was evaluated and saved before the stop
-    if dist.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print_startup(cfg, config, model, device, dist)
-    train_model = torch.compile(model) if cfg.compile else model
-    if dist.ddp:
-        # gradients live in DDP's communication buckets (no second copy); 100 MB buckets: a few dozen all-reduces
-        # per step for 350M-1B models instead of DDP's default 25 MB's hundreds
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
-                          gradient_as_bucket_view=True, bucket_cap_mb=100)
-    if cfg.wandb_log and dist.master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
-    health = TrainingHealth(device)
-    stopwatch = Stopwatch(device)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
-    _, peak = peak_flops(device, cfg.dtype)
-    try:
-        while True:
-            last = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 or last) and iter_num != resumed_at:
-                stopwatch.pause()
-                health.check(iter_num, dist, log_path)
-                val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
-                improved = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                if not cfg.always_save_checkpoint and improved and iter_num > 0:
-                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
-            if (cfg.always_save_checkpoint and (iter_num % (cfg.checkpoint_interval or cfg.eval_interval) == 0 or last)
-                    and iter_num > 0 and iter_num != resumed_at):
-                stopwatch.pause()
-                health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
-                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
-            if last:
-                break
-
-            stopwatch.resume()
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            logging = (iter_num + 1) % cfg.log_interval == 0
-            batches = train_batches(iter_num, sampler, data, device, cfg, dist)
-            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
-                                         need_grad_norm=logging)
-            health.record(loss, iter_num)
-            iter_num += 1
-            stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
-
-            if logging:
-                seconds_per_iter = stopwatch.read()
-                loss_value = health.check(iter_num - 1, dist, log_path) / dist.world_size
-                if dist.master:
-                    record = {'iter': iter_num, 'loss': loss_value, 'lr': lr, 'grad_norm': grad_norm.item(),
-                              'ms_per_iter': None, 'tokens_per_sec': None, 'mfu': None}
-                    if seconds_per_iter is not None:  # None: only the first step (compilation) since the start
-                        record.update(ms_per_iter=1000 * seconds_per_iter,
-                                      tokens_per_sec=tokens_per_iter / seconds_per_iter,
-                                      mfu=flops_per_iter / seconds_per_iter / (peak * dist.world_size) if peak else None)
-                    print(format_log_line(record))
-                    append_log(log_path, record)
-                    if cfg.wandb_log:
-                        wandb.log({f'train/{k}': v for k, v in record.items() if v is not None})
-    finally:
-        if writer is not None:
-            writer.close()  # a save in flight is finished, never abandoned
-    if dist.ddp:  # leave together: a process that tears down its group while rank 0 still saves can abort
-        torch.distributed.barrier()
-    return best_val_loss
-
-
-def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
-    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
-    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
-    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    x, y = next(batches)
-    loss_sum = torch.zeros((), device=x.device)
-    for micro_step in range(micro_steps):
-        if dist.ddp:  # average gradients across processes only after the last micro-step
-            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with autocast:
-            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
-        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
-        scaler.scale(loss / micro_steps).backward()
-        loss_sum += loss.detach()
-    grad_norm = None
-    if cfg.grad_clip > 0 or need_grad_norm:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / micro_steps, grad_norm
-
-
-def train_batches(iter_num, sampler, data, device, cfg, dist):
-    """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
-    sequences of the whole global batch and takes its own share of the micro-steps."""
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
-    mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
-    return (data.read('train', batch, cfg.block_size, device) for batch in mine)
-
-
-class Diverged(UserError):
-    """A non-finite loss: the run stops without saving, and the exit status says so (3)."""
-
-
-class TrainingHealth:
-    """The training loss kept on the device: the latest step's, and the first iteration whose loss was not finite.
-    check() reads them (one wait for the device) and is called only when logging, evaluating or saving."""
-
-    def __init__(self, device):
-        self.loss = torch.zeros((), device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.no_iteration = torch.full((), 2 ** 62, dtype=torch.long, device=device)
-
-    def record(self, loss, iter_num):
-        self.loss = loss
-        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, iter_num), self.first_bad)
-
-    def check(self, iter_num, dist, log_path):
-        """The latest loss summed over processes; Diverged naming the first non-finite iteration of any process."""
-        first_bad = all_reduce(torch.where(self.first_bad < 0, self.no_iteration, self.first_bad).clone(), dist,
-                               torch.distributed.ReduceOp.MIN if dist.ddp else None).item()
-        loss = all_reduce(self.loss.detach().float().clone(), dist).item()
-        if first_bad != self.no_iteration.item():
-            if dist.master:
-                append_log(log_path, {'iter': first_bad, 'diverged': 'train'})
-            raise Diverged(f"training loss is not finite at iteration {first_bad}; stopped at iteration {iter_num} "
-                           f"without saving (lower learning_rate or set grad_clip)")
-        return loss
-
-
-class Stopwatch:
-    """Training time per iteration between log lines, with evaluations and saves left out, and the first step
-    after a start or resume (compilation) too. Waits for the device only where the loop waits anyway."""
-
-    def __init__(self, device):
-        self.device = device
-        self.seconds, self.steps, self.started = 0.0, 0, None
-
-    def resume(self):
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def pause(self):
-        if self.started is not None:
-            synchronize(self.device)
-            self.seconds += time.perf_counter() - self.started
-            self.started = None
-
-    def step_done(self, first_of_process):
-        if first_of_process:  # compilation and warm-up: start timing from here
-            synchronize(self.device)
-            self.seconds, self.steps, self.started = 0.0, 0, time.perf_counter()
+def parse_config(argv):
+    """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order."""
+    values = {}
+    for arg in argv:
+        if arg.startswith('--'):
+            key, has_value, raw = arg[2:].partition('=')
+            if not has_value or not key:
+                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
+            values[key] = check_value(key, _parse_literal(key, raw), f"--{key}")
+        elif arg.endswith('.py'):
+            for key, value in read_config_file(arg).items():
+                values[key] = check_value(key, value, arg)
         else:
-            self.steps += 1
-
-    def read(self):
-        """Seconds per iteration since the last read (None when no step was timed), and starts a new window."""
-        self.pause()
-        per_iter = self.seconds / self.steps if self.steps else None
-        self.seconds, self.steps = 0.0, 0
-        self.resume()
-        return per_iter
-
-
-def format_log_line(record):
-    speed = 'timing starts after the first step' if record['ms_per_iter'] is None else (
-        f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU "
-        + (f"{record['mfu']:.1%}" if record['mfu'] is not None else 'unknown'))
-    return (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-            f"grad norm {record['grad_norm']:.3f}, {speed}")
-
-
-def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path):
-    """Evaluates, logs the losses and the per-block depth diagnostics, and returns the validation loss; a
-    non-finite one stops the run (Diverged) before anything is saved."""
-    losses = estimate_loss(model, data, eval_batches, cfg.block_size, device, autocast, dist)
-    if not math.isfinite(losses['val']):
-        if dist.master:
-            append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
-        raise Diverged(f"validation loss is {losses['val']} at iteration {iter_num}; stopped without saving "
-                       f"(lower learning_rate or set grad_clip)")
-    if not dist.master:
-        return losses['val']
-    record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']}
-    line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-    if data.layout == 'rows':  # beside the authors' estimator, so that a number compares with their Table 1
-        record.update(val_ppl=math.exp(losses['val']), val_loss_authors=losses['val_authors'],
-                      val_ppl_authors=math.exp(losses['val_authors']))
-        line += f" (perplexity {record['val_ppl']:.2f}; the authors' estimator: {record['val_ppl_authors']:.2f})"
-    x, y = data.read('val', eval_batches['val'][0], cfg.block_size, device)
-    record.update(depth_diagnostics(model, x, y, autocast))
-    print(line)
-    append_log(log_path, record)
-    if cfg.wandb_log:
-        import wandb  # initialised by train()
-        wandb.log({'iter': iter_num, 'train/loss_eval': losses['train'], 'val/loss': losses['val']})
-    return losses['val']
+            raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
+    model = {key: values.pop(key) for key in MODEL_KEYS if key in values}
+    cfg = TrainConfig(**values)
+    cfg.model.update(model)
+    if cfg.init_from not in ('scratch', 'resume'):
+        raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    for key, (low, high, low_open, rule) in RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None and (value < low or (low_open and value == low) or (high is not None and value >= high)):
+            raise UserError(f"{key} must be {rule}, not {value}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate}); lower min_lr")
+    model_config(cfg, vocab_size=1)  # the model's settings checked now too (the vocabulary comes with the data)
+    return cfg
 
 
-def depth_diagnostics(model, x, y, autocast):
-    """Per block l = 1..L, on one fixed batch in eval mode: the variance of the residual stream after the block
-    (the paper's Figure 4), the mean effective gain of its norms (weight times the LNS factor), and the gradient
-    norm of its parameters. torch.autograd.grad leaves .grad alone, so training is untouched (DDP too)."""
-    model.eval()
-    with torch.enable_grad(), autocast:
-        _, loss, residuals = model(x, y, return_residuals=True, return_logits=False)
-        params = [[p for p in block.parameters() if p.requires_grad] for block in model.blocks]
-        grads = torch.autograd.grad(loss, [p for block in params for p in block], allow_unused=True)
-    grad_norms, i = [], 0
-    for block in params:
-        block_grads = [g.float() for g in grads[i:i + len(block)] if g is not None]
-        grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in block_grads])).item()
-                          if block_grads else 0.0)
-        i += len(block)
-    model.train()
-    return {'block_variance': [r.float().var(unbiased=False).item() for r in residuals[1:]],
-            'block_norm_gain': [block.effective_norm_gain() for block in model.blocks],
-            'block_grad_norm': grad_norms}
+# the valid range of each numeric trainer setting (the model's are GPTConfig's to check):
+# (lowest, first value too high or None, lowest excluded, in words)
+AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
+    (0, None, True, 'positive')
+RANGES = {
+    **dict.fromkeys(['eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
+                     'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes', 'lr_decay_iters'], AT_LEAST_1),
+    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
+    'learning_rate': POSITIVE,
+    **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),
+}
 
 
-@torch.no_grad()
-def estimate_loss(model, data, eval_batches, block_size, device, autocast, dist):
-    """Per split, the mean loss per target token over its fixed evaluation batches, shared out among the processes;
-    and 'val_authors', the authors' estimator: the sum of per-batch mean losses over (batches + 1), which reads
-    slightly low."""
-    model.eval()
-    losses = {}
-    for split, batches in eval_batches.items():
-        mine = batches[dist.rank::dist.world_size]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x tokens, tokens, batch means, batches
-        quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
-        for starts in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
-            x, y = data.read(split, starts, block_size, device)
-            with autocast:
-                _, loss = model(x, y, return_logits=False)
-            tokens = (y >= 0).sum().double()
-            loss = loss.double()
-            sums += torch.stack([torch.where(tokens > 0, loss * tokens, 0.0), tokens, loss, torch.ones_like(loss)])
-        loss_tokens, tokens, batch_means, count = all_reduce(sums, dist).tolist()
-        losses[split] = loss_tokens / tokens
-        if split == 'val':
-            losses['val_authors'] = batch_means / (count + 1)
-    model.train()
-    return losses
+def check_value(key, value, source):
+    """Returns value as the type declared for key (an int is fine for a float); UserError otherwise."""
+    if key not in SETTING_TYPES:
+        raise UserError(f"unknown setting {key!r} in {source}; known settings are: {', '.join(SETTING_TYPES)}")
+    declared = SETTING_TYPES[key]
+    for kind in get_args(declared) or (declared,):
+        if kind is type(None) and value is None:
+            return None
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            continue
+        if kind is not type(None) and isinstance(value, kind):
+            return value
+    raise UserError(f"{key} expects {_describe(declared)}, but {source} gives {value!r}")
 
 
-def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist):
-    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background."""
-    rng_states = [rng_state(sampler)]
-    if dist.ddp:
-        rng_states = [None] * dist.world_size
-        torch.distributed.all_gather_object(rng_states, rng_state(sampler))
-    if writer is not None:
-        writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': asdict(cfg),
-                     'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
+def _describe(annotation):
+    names = [t.__name__ for t in get_args(annotation) or (annotation,)]
+    return ' or '.join('None' if n == 'NoneType' else f"a {n}" if n != 'int' else 'an int' for n in names)
 
 
-def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist):
-    """Weights, optimizer, scaler and RNG states from a checkpoint loaded on the CPU; (iter_num, best_val_loss)."""
-    model.load_state_dict(checkpoint['model'])  # copies onto the model's device
-    optimizer.load_state_dict(checkpoint['optimizer'])  # moves the state to its parameters' device
-    scaler.load_state_dict(checkpoint['scaler'])
-    ranks = checkpoint['rng']
-    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
-    if len(ranks) != dist.world_size:  # another process count: the data order is kept, dropout draws fresh
-        torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
-    return checkpoint['iter_num'], checkpoint['best_val_loss']
-
-
-class CheckpointWriter:
-    """Saves checkpoints in the background: save() copies the state into CPU memory (all that training waits for),
-    then a thread writes it with save_checkpoint, atomically, while training goes on. One write at a time: a save
-    waits for the previous write, and close() for the last one. A failed write raises on the next save or close."""
-
-    def __init__(self, out_dir, keep_last_n, log_path):
-        self.out_dir, self.keep_last_n, self.log_path = out_dir, keep_last_n, log_path
-        self.thread, self.error = None, None
-
-    def save(self, state):
-        self.wait()
-        start = time.perf_counter()
-        state = to_cpu(state)  # copies: the live tensors keep changing while the thread writes
-        copy_seconds = time.perf_counter() - start
-        self.thread = threading.Thread(target=self._write, args=(state, copy_seconds), name='checkpoint-writer')
-        self.thread.start()
-
-    def _write(self, state, copy_seconds):
-        try:
-            start = time.perf_counter()
-            save_checkpoint(self.out_dir, state, self.keep_last_n)
-            write_seconds = time.perf_counter() - start
-            print(f"saved ckpt.pt at iteration {state['iter_num']}: {copy_seconds:.2f} s copying to CPU memory "
-                  f"(training waited), {write_seconds:.2f} s writing in the background")
-            append_log(self.log_path, {'iter': state['iter_num'], 'checkpoint_copy_seconds': copy_seconds,
-                                       'checkpoint_write_seconds': write_seconds})
-        except BaseException as error:  # handed to the training thread
-            self.error = error
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise UserError(f"writing a checkpoint to {self.out_dir} failed: {error}") from error
-
-    def close(self):
-        self.wait()
-
-
-def to_cpu(state):
-    """A copy of a (nested) state dict with every tensor copied into CPU memory."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to('cpu', copy=True)
-    if isinstance(state, dict):
-        return {key: to_cpu(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(to_cpu(value) for value in state)
-    return state
-
-
-def print_startup(cfg, config, model, device, dist):
-    print('config:', ', '.join(f'{k}={v}' for k, v in asdict(cfg).items()))
-    print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    device_name, peak = peak_flops(device, cfg.dtype)
-    ddp = f", DDP over {torch.distributed.get_backend()}" if dist.ddp else ''
-    print(f"{dist.world_size} process(es){ddp} on {device_name} "
-          f"(peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
-          f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
-    print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
-          f"{cfg.gradient_accumulation_steps} micro-steps ({cfg.gradient_accumulation_steps // dist.world_size} "
-          f"per process); {model.flops_per_token(cfg.block_size):,} FLOPs per token")
-    print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
-
-
-def check_inputs(cfg, dist):
-    """Everything about the data and out_dir that can be wrong, before anything is built or written."""
-    if cfg.gradient_accumulation_steps % dist.world_size:
-        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
-                        f"number of processes ({dist.world_size}) to keep the global batch; change one of them")
-    data_dir = resolve_data_dir(cfg)
-    meta = read_meta(data_dir, cfg.dataset)
-    config = model_config(cfg, meta['vocab_size'])
-    if meta['vocab_size'] > config.vocab_size:
-        raise UserError(f"dataset {cfg.dataset!r} has {meta['vocab_size']} token ids but the model's vocab_size is "
-                        f"{config.vocab_size}; raise vocab_size or leave it unset")
-    if cfg.block_size > config.block_size:
-        raise UserError(f"block_size {cfg.block_size} exceeds the model's block_size {config.block_size}")
-    rows = meta.get('layout', 'packed') == 'rows'
-    if rows and cfg.block_size != meta['row_length']:
-        raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
-                        f"{cfg.block_size}; set block_size={meta['row_length']}")
-    for split in ('train', 'val'):
-        tokens = open_tokens(data_dir, split)
-        if rows and len(tokens) % meta['row_length']:
-            raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
-                            f"prepare the data again")
-        if len(tokens) <= cfg.block_size:
-            raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {cfg.block_size}; "
-                            f"lower block_size or prepare more data")
-        largest = int(tokens[:CHECKED_TOKENS].max())  # a prefix: enough to catch data from another tokenizer
-        if largest >= config.vocab_size:
-            raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
-                            f"{config.vocab_size}; prepare the data again or raise vocab_size")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
-    return data_dir, meta, config
-
-
-def load_resume_checkpoint(cfg, config):
-    """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
-    and no GPU holds a second copy of the weights and optimizer state."""
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
+def _parse_literal(key, raw):
+    if key in SETTING_TYPES and str in (get_args(SETTING_TYPES[key]) or (SETTING_TYPES[key],)):
+        return raw
+    words = {'true': True, 'false': False, 'none': None}
+    if raw.lower() in words:
+        return words[raw.lower()]
     try:
-        checkpoint = read_checkpoint(ckpt_path)
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # check_value then names what was expected
+
+
+def read_config_file(path):
+    """The plain assignments of a Python config file, as a dict (names starting with _ and modules ignored)."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), {}, namespace)
+    except Exception as error:
+        raise UserError(f"config file {path} failed to run: {type(error).__name__}: {error}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+
+
+def model_config(cfg, vocab_size):
+    """GPTConfig of cfg's model settings, for sequences of cfg.block_size; vocab_size is used when cfg leaves it
+    unset or None."""
+    try:
+        return GPTConfig(**{**cfg.model, 'block_size': cfg.block_size,
+                            'vocab_size': cfg.model.get('vocab_size') or vocab_size})
     except ValueError as error:
         raise UserError(str(error)) from None
-    try:  # resolved again, so that settings added since the checkpoint take their defaults
-        saved = GPTConfig.from_dict(checkpoint['model_config']).to_dict()
-    except ValueError as error:
-        raise UserError(f"{ckpt_path} holds a model this version cannot build: {error}") from None
-    if saved != config.to_dict():
-        differences = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in config.to_dict().items() if saved.get(k) != v]
-        raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
-                        f"resume with the checkpoint's settings or use another out_dir")
-    return checkpoint
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """The paper's configs: their sizes against the paper's table, and every config file parses."""
 
+import dataclasses
 import glob
 import os
 
@@ -34,12 +35,14 @@ def llama_params(d, layers, hidden, vocab):
 def test_paper_config_has_the_paper_size_and_the_authors_recipe(size, scheme):
     d, layers, heads, hidden, paper_params = PAPER_SIZES[size]
     cfg = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_{scheme}.py')])
-    assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.ffn_hidden, cfg.norm_scheme) == (d, layers, heads, hidden, scheme)
+    model = cfg.model
+    assert (model['n_embd'], model['n_layer'], model['n_head'], model['ffn_hidden'], model['norm_scheme']) == \
+        (d, layers, heads, hidden, scheme)
     assert cfg.block_size == 256 and cfg.batch_size * cfg.gradient_accumulation_steps == 512
     assert cfg.weight_decay == 0.0 and cfg.grad_clip == 0.0 and cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
     assert (cfg.beta1, cfg.beta2) == (0.9, 0.999) and cfg.warmup_iters == AUTHORS_WARMUP.get(size, cfg.warmup_iters)
-    assert cfg.dtype == 'pure_bfloat16' and cfg.embedding_init_std == 0.632 and cfg.arch == 'llama'
-    assert cfg.vocab_size == 32000 and cfg.eval_tokens == 10_000_000
+    assert cfg.dtype == 'pure_bfloat16' and model['embedding_init_std'] == 0.632 and model['arch'] == 'llama'
+    assert model['vocab_size'] == 32000 and cfg.eval_tokens == 10_000_000
     with torch.device('meta'):
         model = GPT(model_config(cfg, vocab_size=None))
     assert model.num_params() == llama_params(d, layers, hidden, 32000)
@@ -51,8 +54,8 @@ def test_our_recipe_is_one_file_away_from_each_paper_config(size):
     authors = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py')])
     ours = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py'),
                          os.path.join(ROOT, 'config', 'our_recipe.py')])
-    assert (ours.dtype, ours.embedding_init_std, ours.vocab_size) == ('bfloat16', 0.02, None)
-    changed = {k for k, v in vars(ours).items() if vars(authors)[k] != v}
+    assert (ours.dtype, ours.model['embedding_init_std'], ours.model['vocab_size']) == ('bfloat16', 0.02, None)
+    changed = {k for k, v in ours.settings().items() if authors.settings()[k] != v}
     assert changed == {'dtype', 'embedding_init_std', 'vocab_size', 'data_dir'}
 
 
@@ -68,5 +71,5 @@ def test_every_config_file_parses_into_a_valid_model(path):
 @pytest.mark.parametrize('size', PAPER_SIZES)
 def test_pre_and_lns_twins_differ_only_in_the_scheme_and_out_dir(size):
     pre, lns = (parse_config([os.path.join(ROOT, 'config', f'llama_{size}_{s}.py')]) for s in ('pre', 'lns'))
-    assert pre.norm_scheme == 'pre' and lns.norm_scheme == 'lns'
-    assert pre.__class__(**{**vars(pre), 'norm_scheme': 'lns', 'out_dir': lns.out_dir}) == lns
+    assert pre.model['norm_scheme'] == 'pre' and lns.model['norm_scheme'] == 'lns'
+    assert dataclasses.replace(pre, model={**pre.model, 'norm_scheme': 'lns'}, out_dir=lns.out_dir) == lns

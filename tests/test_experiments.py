@@ -200,7 +200,8 @@ def test_the_study_trains_the_base_recipe_with_heads_of_16_and_the_authors_facto
     from train import parse_config
     args = recipe_study.parse_args(['--steps', '1500', '--data_dir', 'somewhere'])
     cfg = parse_config(recipe_study.trainer_arguments(args, Cell(24, 256, 3e-3, 'base'), 'lns', 2))
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.norm_scheme, cfg.seed) == (24, 256, 16, 'lns', 2)
+    assert (cfg.model['n_layer'], cfg.model['n_embd'], cfg.model['n_head'], cfg.model['norm_scheme'], cfg.seed) == \
+        (24, 256, 16, 'lns', 2)
     assert (cfg.batch_size, cfg.block_size, cfg.weight_decay, cfg.grad_clip) == (32, 64, 0.0, 0.0)
     assert (cfg.learning_rate, cfg.min_lr, cfg.max_iters, cfg.warmup_iters) == (3e-3, 3e-4, 1500, 150)
     assert cfg.compile and cfg.device == 'cpu' and cfg.data_dir == 'somewhere'
@@ -208,9 +209,11 @@ def test_the_study_trains_the_base_recipe_with_heads_of_16_and_the_authors_facto
     assert '--max_iters=6000' in longer and '--warmup_iters=600' in longer
     authors = parse_config(recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, 'pure_bf16_embedding_std_0.632'),
                                                           'pre', 0))
-    assert (authors.dtype, authors.embedding_init_std, authors.train_norm_gains) == ('pure_bfloat16', 0.632, True)
+    assert (authors.dtype, authors.settings()['embedding_init_std'], authors.settings()['train_norm_gains']) == \
+        ('pure_bfloat16', 0.632, True)
     frozen = parse_config(recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, 'frozen_gains'), 'pre', 0))
-    assert (frozen.dtype, frozen.embedding_init_std, frozen.train_norm_gains) == ('float32', 0.02, False)
+    assert (frozen.dtype, frozen.settings()['embedding_init_std'], frozen.settings()['train_norm_gains']) == \
+        ('float32', 0.02, False)
 
 
 def test_summarizing_before_any_run_finished_writes_nothing(tmp_path):

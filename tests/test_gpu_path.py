@@ -46,7 +46,9 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_d
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'meta')
     sampler = torch.Generator()
     _, scaler = train.mixed_precision('float32', torch.device('cpu'))
-    assert train.restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, train.Distributed()) == (2, checkpoint['best_val_loss'])
+    restored = train.restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, train.Distributed(),
+                                   str(tmp_path / 'log.jsonl'))
+    assert restored == (2, checkpoint['best_val_loss'])
     assert torch.equal(sampler.get_state(), checkpoint['rng'][0]['sampler'])
 
 

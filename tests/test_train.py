@@ -1,5 +1,6 @@
 """train.py: configuration, schedule, learning on real data, exact resume, and one-sentence errors."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 import train
 from conftest import ROOT, read_log
-from model import GPT, read_checkpoint
+from model import GPT, GPTConfig, read_checkpoint
 from train import TrainConfig, UserError, get_lr, parse_config
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=4',
@@ -28,7 +29,7 @@ def test_overrides_apply_in_order_after_config_files(tmp_path):
     config_file = tmp_path / 'small.py'
     config_file.write_text("import math\nn_layer = 6\nlearning_rate = 3e-4\n_private = 'ignored'\nout_dir = 'a'\n")
     cfg = parse_config([str(config_file), '--n_layer=8', '--out_dir=123', '--compile=True', '--bias=None'])
-    assert (cfg.n_layer, cfg.learning_rate, cfg.out_dir, cfg.compile, cfg.bias) == (8, 3e-4, '123', True, None)
+    assert (cfg.model['n_layer'], cfg.learning_rate, cfg.out_dir, cfg.compile, cfg.model['bias']) == (8, 3e-4, '123', True, None)
     assert parse_config([]) == TrainConfig()
 
 
@@ -77,8 +78,14 @@ def test_bad_config_files_are_named(tmp_path):
         parse_config([str(tmp_path / 'missing.py')])
 
 
-def test_every_model_setting_is_a_training_knob():
-    assert set(train.MODEL_KEYS) <= {f for f in TrainConfig.__dataclass_fields__}
+def test_every_model_setting_is_a_training_knob_declared_once_in_gptconfig():
+    model_settings = {f.name for f in dataclasses.fields(GPTConfig)} - {'block_size'}  # the trainer sets that
+    assert set(train.MODEL_KEYS) == model_settings
+    assert not model_settings & {f.name for f in dataclasses.fields(TrainConfig)}  # no second declaration
+    for field in dataclasses.fields(GPTConfig):  # each one settable by name, with GPTConfig's type
+        if field.name in model_settings:
+            value = TrainConfig().model.get(field.name, field.default)
+            assert parse_config([f'--{field.name}={value}']).model[field.name] == value
 
 
 def test_bad_model_settings_exit_with_the_model_error(capsys, char_data):
