@@ -209,7 +209,7 @@ def config_to_hf(config, end_of_text=None):
 def folded_state_dict(model):
     """Our state dict as a Pre-LN model without residual gains: each norm's weight and bias times its LNS factor;
     each output projection's rows and bias times the factor and gain on its sublayer's output."""
-    config, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for i, block in enumerate(model.blocks):
         prefix = f'blocks.{i}.'
         # the plain floats model.Block multiplies by (1/sqrt(l) under LNS, as its lns_position says; else 1)

@@ -196,11 +196,13 @@ def test_lns_factor_1_over_sqrt_l_sits_in_the_norm_weights_or_output_projections
     tensors = load_file(tmp_path / 'hf' / 'model.safetensors')
     for l, block in enumerate(ours.blocks, start=1):
         layer, s = f'model.layers.{l - 1}.', 1 / math.sqrt(l)
-        expected = {
-            'input_layernorm.weight': block.attn_norm.weight * (s if position in ('both_norms', 'attn_norm') else 1),
-            'post_attention_layernorm.weight': block.mlp_norm.weight * (s if position in ('both_norms', 'mlp_norm') else 1),
-            'self_attn.o_proj.weight': block.attn.proj.weight * (s if position == 'sublayer' else 1),
-            'mlp.down_proj.weight': block.mlp.proj.weight * (s if position == 'sublayer' else 1)}
+        attn_norm = s if position in ('both_norms', 'attn_norm') else 1
+        mlp_norm = s if position in ('both_norms', 'mlp_norm') else 1
+        sublayer = s if position == 'sublayer' else 1
+        expected = {'input_layernorm.weight': block.attn_norm.weight * attn_norm,
+                    'post_attention_layernorm.weight': block.mlp_norm.weight * mlp_norm,
+                    'self_attn.o_proj.weight': block.attn.proj.weight * sublayer,
+                    'mlp.down_proj.weight': block.mlp.proj.weight * sublayer}
         for name, tensor in expected.items():
             torch.testing.assert_close(tensors[layer + name], tensor.detach(), rtol=1e-6, atol=0)
 
