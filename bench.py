@@ -61,7 +61,25 @@ def split_bench_args(argv):
 
 
 def bench(cfg, steps, warmup):
+    """Times `steps` training steps of cfg's model after `warmup` more; the result as a dict (see main)."""
     device = train.resolve_device(cfg.device, train.Distributed())
+    model, step = training_step_on_random_tokens(cfg, device)
+    warmup_start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warmup_seconds = time.perf_counter() - warmup_start
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds_per_step = (time.perf_counter() - start) / steps
+    return report(cfg, model, device, warmup_seconds, seconds_per_step)
+
+
+def training_step_on_random_tokens(cfg, device):
+    """(model, step): the model cfg describes, built as train.py builds it, and a function that runs the
+    trainer's own optimizer step on fixed random tokens and waits for the device."""
     try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
         vocab_size = train.read_meta(train.resolve_data_dir(cfg), cfg.dataset)['vocab_size']
     except train.UserError:
@@ -73,23 +91,15 @@ def bench(cfg, steps, warmup):
     batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
                for _ in range(cfg.gradient_accumulation_steps)]
 
-    def step():  # the trainer's own step, on random tokens
+    def step():
         micro_batches = ((batch[:, :-1], batch[:, 1:]) for batch in batches)
         loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, micro_batches, cfg,
                                    train.Distributed(), need_grad_norm=False)
         return loss.item()  # waits for the device
+    return model, step
 
-    warmup_start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_seconds = time.perf_counter() - warmup_start
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds_per_step = (time.perf_counter() - start) / steps
 
+def report(cfg, model, device, warmup_seconds, seconds_per_step):
     device_name, peak = train.peak_flops(device, cfg.dtype)
     peak_source = f"datasheet {'TF32' if cfg.dtype == 'float32' else '16-bit'} peak"
     if peak is None:
@@ -98,6 +108,7 @@ def bench(cfg, steps, warmup):
     flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
     memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    config = model.config
     return {
         'device': device_name, 'threads': torch.get_num_threads(), 'arch': config.arch,
         'norm_scheme': config.norm_scheme, 'n_layer': config.n_layer, 'n_embd': config.n_embd,
@@ -118,38 +129,48 @@ def measure(args, steps, warmup):
 
 
 def table(json_path=None, configs=TABLE_CONFIGS, rounds=5, steps=30, warmup=5):
-    """The benchmark table: each config eager and compiled, then every norm_scheme's step time relative to pre
-    on the first config, from `rounds` interleaved runs (medians), so that drifts of the machine cancel out."""
+    """The benchmark table: each config eager and compiled; then, on the first config, every norm_scheme's step
+    time relative to pre, eager, and LNS's relative to pre, compiled."""
     rows = []
     for name, args in configs.items():
         for compiled in (False, True):
             result = measure(args + [f'--compile={compiled}'], steps=steps, warmup=warmup)
             rows.append({'config': name, **result})
-    times = {scheme: [] for scheme in NORM_SCHEMES}
     first_config = next(iter(configs.values()))
-    for _ in range(rounds):
-        for scheme in NORM_SCHEMES:
-            result = measure(first_config + [f'--norm_scheme={scheme}'], steps=steps, warmup=warmup)
-            times[scheme].append(result['ms_per_step'])
-    medians = {scheme: statistics.median(values) for scheme, values in times.items()}
-    overhead = {scheme: medians[scheme] / medians['pre'] - 1 for scheme in NORM_SCHEMES}
+    eager = interleaved_medians(first_config + ['--compile=False'], NORM_SCHEMES, rounds, steps, warmup)
+    compiled = interleaved_medians(first_config + ['--compile=True'], ('pre', 'lns'), rounds, steps, warmup)
+    overhead = {scheme: eager[scheme] / eager['pre'] - 1 for scheme in NORM_SCHEMES}
+    lns_compiled = compiled['lns'] / compiled['pre'] - 1
 
     lines = ['| config | compile | ms/step | tokens/s | MFU | peak memory |', '| --- | --- | --- | --- | --- | --- |']
     for row in rows:
         lines.append(f"| {row['config']} | {row['compile']} | {row['ms_per_step']:.1f} | "
                      f"{row['tokens_per_sec']:,.0f} | {row['mfu']:.1%} | {row['peak_memory_bytes'] / 2**20:,.0f} MiB |")
-    lines += ['', f'| norm_scheme | ms/step (median of {rounds}) | relative to pre |', '| --- | --- | --- |']
+    lines += ['', f'| norm_scheme | eager ms/step (median of {rounds}) | relative to pre | compiled ms/step | '
+                  f'relative to pre |', '| --- | --- | --- | --- | --- |']
     for scheme in NORM_SCHEMES:
-        lines.append(f"| {scheme} | {medians[scheme]:.1f} | {overhead[scheme]:+.1%} |")
+        cells = (f"{compiled[scheme]:.1f} | {compiled[scheme] / compiled['pre'] - 1:+.1%}" if scheme in compiled
+                 else '| ')
+        lines.append(f"| {scheme} | {eager[scheme]:.1f} | {overhead[scheme]:+.1%} | {cells} |")
     first = rows[0]
     lines += ['', f"{first['device']}, {first['threads']} threads, float32; MFU against the {first['peak_source']} "
                   f"rate; peak memory is {first['peak_memory_source']}."]
-    text = '\n'.join(lines)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, 'w') as f:
-            json.dump({'configs': rows, 'scheme_ms_per_step': times, 'scheme_overhead': overhead}, f, indent=1)
-    return text
+            json.dump({'configs': rows, 'scheme_ms_per_step': eager, 'scheme_overhead': overhead,
+                       'compiled_ms_per_step': compiled, 'lns_overhead_compiled': lns_compiled}, f, indent=1)
+    return '\n'.join(lines)
+
+
+def interleaved_medians(args, schemes, rounds, steps, warmup):
+    """Median ms/step of each norm_scheme on args over `rounds` rounds, the schemes interleaved within each round,
+    so that drifts of the machine fall on all of them alike."""
+    times = {scheme: [] for scheme in schemes}
+    for _ in range(rounds):
+        for scheme in schemes:
+            times[scheme].append(measure(args + [f'--norm_scheme={scheme}'], steps=steps, warmup=warmup)['ms_per_step'])
+    return {scheme: statistics.median(values) for scheme, values in times.items()}
 
 
 # the paper configs at their per-GPU micro-batch (one micro-step), compiled, bf16; the 1B twice, since its FFN
