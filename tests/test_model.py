@@ -280,3 +280,9 @@ def test_invalid_config_raises_value_error_naming_valid_choices(overrides, words
     with pytest.raises(ValueError) as error:
         GPTConfig(**values)
     assert all(word in str(error.value) for word in words)
+
+
+def test_checkpoints_of_earlier_versions_read_lns_position_in_todays_names():
+    saved = GPTConfig(norm_scheme='lns', lns_position='attn_norm', n_layer=2, n_head=2, n_embd=16).to_dict()
+    for earlier, today in [('norm', 'both_norms'), ('attn', 'attn_norm'), ('mlp', 'mlp_norm'), ('sublayer', 'sublayer')]:
+        assert GPTConfig.from_dict({**saved, 'lns_position': earlier}).lns_position == today
