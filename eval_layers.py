@@ -56,6 +56,7 @@ class LoadedModel:
     decode: Optional[Callable] = None   # token ids -> text
     description: str = ''
     trained_on: Optional[str] = None    # the data folder the checkpoint was trained on, when it records one
+    training_log: Optional[str] = None  # the run's log.jsonl beside the checkpoint, when there is one
 
 
 # ----------------------------------------------------------------------------- models and tokenizers
@@ -114,7 +115,9 @@ def load_our_checkpoint(path, name, device):
     config = model.config
     description = (f"{config.arch} {config.norm_scheme}, {config.n_layer} blocks, {model.num_params():,} parameters, "
                    f"iteration {checkpoint.get('iter_num', '?')}")
-    return LoadedModel(name, model, tokenizer, encode, decode, description, trained_on)
+    log = os.path.join(os.path.dirname(os.path.abspath(path)), 'log.jsonl')
+    return LoadedModel(name, model, tokenizer, encode, decode, description, trained_on,
+                       log if os.path.isfile(log) else None)
 
 
 def load_hf_folder(folder, name, device):
@@ -615,6 +618,13 @@ def with_error(value, stderr):
     return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
 
 
+def variance_during_training(log_path):
+    """The per-block residual variance train.py logged at each evaluation: [{'iter', 'block_variance'}, ...]."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in records if 'block_variance' in r]
+
+
 def write_plots(results, folder):
     """PNGs with titles, axes and legends; every range follows the data. Layer drop, angular distance (heatmaps
     and n = 1) and variance with the loss analyses; accuracy per removed block with a task."""
@@ -627,7 +637,29 @@ def write_plots(results, folder):
         paths += plot_loss_analyses(plt, results, folder)
     if 'task' in results[0]:
         paths.append(plot_task(plt, results, folder))
+    if any(r.get('variance_during_training') for r in results):
+        paths.append(plot_variance_during_training(plt, results, folder))
     return paths
+
+
+def plot_variance_during_training(plt, results, folder, curves=6):
+    """The paper's Figure 4 across training: per run, the residual stream's variance after each block at up to
+    `curves` evaluations spread over the run, from the variance train.py logs at every evaluation."""
+    runs = [r for r in results if r.get('variance_during_training')]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], runs):
+        logged = r['variance_during_training']
+        picked = sorted({round(i) for i in np.linspace(0, len(logged) - 1, min(curves, len(logged)))})
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(picked)))
+        for color, i in zip(colors, picked):
+            variance = logged[i]['block_variance']
+            ax.plot(np.arange(1, len(variance) + 1), variance, marker='o', color=color,
+                    label=f"iteration {logged[i]['iter']}")
+        ax.set(title=r['name'], xlabel='after block l', ylabel='variance of the residual stream', yscale='log')
+        ax.legend()
+        whole_blocks(ax.xaxis)
+    fig.suptitle('Residual-stream variance by depth during training')
+    return save_figure(fig, folder, 'variance_during_training.png')
 
 
 def plot_loss_analyses(plt, results, folder):
@@ -772,6 +804,8 @@ def run(args):
             print(f"{m.name}: {x.numel():,} tokens of {data or args.text} in {len(x)} windows of {block_size}",
                   file=sys.stderr)
             result.update(analyze(m.model, x, y, args.batch_size, device, autocast, args.max_distance, args.last_k))
+        if m.training_log:
+            result['variance_during_training'] = variance_during_training(m.training_log)
         if examples:
             requests = task_requests(examples, m, args.task, m.model.config.block_size)
             print(f"{m.name}: {args.task}, {len(examples)} examples, {len(requests)} choices, "

@@ -87,3 +87,18 @@ def test_each_evaluation_logs_per_block_variance_gain_and_gradient_norm(tmp_path
             sum(g.mean().item() for g in gains) / 2 / (l + 1) ** 0.5, rel=1e-5)
         grad = torch.cat([p.grad.flatten() for p in block.parameters()]).norm().item()
         assert record['block_grad_norm'][l] == pytest.approx(grad, rel=1e-4)
+
+
+def test_eval_layers_plots_the_logged_variance_by_depth_across_training(tmp_path, char_data):
+    import json
+
+    import eval_layers
+    run = tmp_path / 'run'
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={run}', '--max_iters=4', '--eval_interval=2',
+                              '--n_layer=3']) == 0
+    assert eval_layers.main([str(run), '--tokens=512', '--block_size=32', '--max_distance=2', '--device=cpu',
+                             f'--json={tmp_path / "layers.json"}', f'--plot={tmp_path / "plots"}']) == 0
+    [model] = json.loads((tmp_path / 'layers.json').read_text())['models']
+    logged = [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in read_log(run) if 'val_loss' in r]
+    assert model['variance_during_training'] == logged and [r['iter'] for r in logged] == [0, 2, 4]
+    assert (tmp_path / 'plots' / 'variance_during_training.png').stat().st_size > 0
