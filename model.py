@@ -57,7 +57,7 @@ class GPTConfig:
     layerscale: bool = False             # a learnable per-channel scale on each residual branch (CaiT)
     layerscale_init: Optional[float] = None  # None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
     skipinit: bool = False               # a learnable scalar on each residual branch, initialised 1/sqrt(L)
-    # the authors' code differs from the paper's text here (see README, "The authors' recipe")
+    # the authors' code differs from the paper's text here (see README, "Paper scale")
     embedding_init_std: float = 0.02     # std of the token (and position) embeddings' init; the authors': 0.632
     train_norm_gains: bool = True        # False: norm weights stay at 1 (pure bf16 training leaves them there)
 
@@ -312,7 +312,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
-            elif isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:  # a tied head is the embedding
+            elif isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:  # tied: the embedding
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -5,10 +5,10 @@ Trains a GPT or Llama model (model.py) on a prepared token dataset (data/<datase
     python train.py config/some_config.py --key=value # a config file, then overrides, applied in order
     torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py   # DDP on 8 GPUs
 
-Every knob is a field of TrainConfig below; its default is the documentation. Model knobs share the names of
-model.GPTConfig's fields.
+The trainer's settings are the fields of TrainConfig below, their defaults the documentation; the model's are
+model.GPTConfig's fields, set by name the same way. train() below is the whole loop; the pieces it calls follow it
+in the order it calls them.
 """
-
 
 import ast
 import datetime
@@ -59,7 +59,8 @@ class TrainConfig:
     # the model: settings of model.GPTConfig, which declares, defaults and documents each one. Config files and
     # --key=value set them by name like any other setting (--n_layer=24); vocab_size unset or None: the dataset's.
     # The default run is a small deep Llama with LNS; every setting not named here takes GPTConfig's default.
-    model: dict = field(default_factory=lambda: dict(arch='llama', norm_scheme='lns', n_layer=12, n_head=4, n_embd=128))
+    model: dict = field(default_factory=lambda: dict(arch='llama', norm_scheme='lns', n_layer=12, n_head=4,
+                                                     n_embd=128))
     # AdamW
     learning_rate: float = 2e-3            # peak learning rate
     max_iters: int = 1500                  # optimizer steps in all
@@ -75,7 +76,7 @@ class TrainConfig:
     # system
     device: str = 'auto'                   # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = 'float32'                 # 'float32', 'bfloat16' or 'float16' (autocast over float32 weights), or
-                                           # 'pure_bfloat16': weights, gradients and Adam's state all bf16 (the authors')
+                                           # 'pure_bfloat16': weights, gradients, Adam's state all bf16 (the authors')
     compile: bool = False                  # torch.compile the model
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
@@ -132,7 +133,9 @@ def train(cfg, dist, device):
         print_startup(cfg, config, model, device, dist)
     train_model = wrap_for_training(model, cfg, dist, device)
     writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
-    health, stopwatch, progress = TrainingHealth(device), Stopwatch(device), Progress(cfg, model, device, dist, log_path)
+    health, stopwatch = TrainingHealth(device), Stopwatch(device)
+    progress = Progress(cfg, model, device, dist, log_path)
+    checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
     try:
         while True:
             last = iter_num >= cfg.max_iters
@@ -143,7 +146,7 @@ def train(cfg, dist, device):
                 improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
                 if not cfg.always_save_checkpoint and improved and iter_num > 0:
                     save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
-            if (cfg.always_save_checkpoint and (iter_num % (cfg.checkpoint_interval or cfg.eval_interval) == 0 or last)
+            if (cfg.always_save_checkpoint and (iter_num % checkpoint_interval == 0 or last)
                     and iter_num > 0 and iter_num != resumed_at):
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
@@ -183,14 +186,12 @@ def wrap_for_training(model, cfg, dist, device):
         # per step for 350M-1B models instead of DDP's default 25 MB's hundreds
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
                           gradient_as_bucket_view=True, bucket_cap_mb=100)
-    if cfg.wandb_log and dist.master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.settings())
     return train_model
 
 
 class Progress:
-    """The training log line and log.jsonl record: loss, learning rate, gradient norm, speed and MFU."""
+    """The training log line and log.jsonl record: loss, learning rate, gradient norm, speed and MFU; also sent to
+    Weights & Biases with wandb_log (imported only then)."""
 
     def __init__(self, cfg, model, device, dist, log_path):
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
@@ -198,6 +199,9 @@ class Progress:
         _, peak = peak_flops(device, cfg.dtype)
         self.peak = peak * dist.world_size if peak else None
         self.master, self.log_path, self.wandb = dist.master, log_path, cfg.wandb_log
+        if self.wandb and self.master:
+            import wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.settings())
 
     def log(self, iter_num, lr, loss, grad_norm, seconds_per_iter):
         if not self.master:
@@ -277,7 +281,7 @@ def build_model(cfg, config, device):
     model = GPT(config).to(device)
     if cfg.dtype == 'pure_bfloat16':
         # no fp32 master copy: an Adam step below half a bf16 spacing (2^-8 just under 1) rounds away, so norm gains
-        # of 1 stay exactly 1 at lr 1e-3 (README, "The authors' recipe")
+        # of 1 stay exactly 1 at lr 1e-3 (README, "Paper scale")
         model.to(torch.bfloat16)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)

@@ -1,5 +1,5 @@
 # The authors' recipe, shared by every config/llama_<size>_<scheme>.py, as their code trained (not as the paper's
-# text says; README, "The authors' recipe"): pure bf16, embeddings initialised at std 0.632, C4 in the t5-base
+# text says; README, "Paper scale"): pure bf16, embeddings initialised at std 0.632, C4 in the t5-base
 # tokenizer with one document per 256-token row (pads carry no loss, one shuffled pass), Adam without weight decay
 # or clipping, 512 sequences per step, evaluation on 10M validation tokens.
 #   python data/c4/prepare.py --layout rows --shards 29 --val_shards 2      # 29 shards: 130M's one pass

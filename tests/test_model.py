@@ -284,5 +284,6 @@ def test_invalid_config_raises_value_error_naming_valid_choices(overrides, words
 
 def test_checkpoints_of_earlier_versions_read_lns_position_in_todays_names():
     saved = GPTConfig(norm_scheme='lns', lns_position='attn_norm', n_layer=2, n_head=2, n_embd=16).to_dict()
-    for earlier, today in [('norm', 'both_norms'), ('attn', 'attn_norm'), ('mlp', 'mlp_norm'), ('sublayer', 'sublayer')]:
+    renamed = [('norm', 'both_norms'), ('attn', 'attn_norm'), ('mlp', 'mlp_norm'), ('sublayer', 'sublayer')]
+    for earlier, today in renamed:
         assert GPTConfig.from_dict({**saved, 'lns_position': earlier}).lns_position == today

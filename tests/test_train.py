@@ -29,7 +29,8 @@ def test_overrides_apply_in_order_after_config_files(tmp_path):
     config_file = tmp_path / 'small.py'
     config_file.write_text("import math\nn_layer = 6\nlearning_rate = 3e-4\n_private = 'ignored'\nout_dir = 'a'\n")
     cfg = parse_config([str(config_file), '--n_layer=8', '--out_dir=123', '--compile=True', '--bias=None'])
-    assert (cfg.model['n_layer'], cfg.learning_rate, cfg.out_dir, cfg.compile, cfg.model['bias']) == (8, 3e-4, '123', True, None)
+    assert (cfg.model['n_layer'], cfg.learning_rate, cfg.out_dir, cfg.compile, cfg.model['bias']) == \
+        (8, 3e-4, '123', True, None)
     assert parse_config([]) == TrainConfig()
 
 
