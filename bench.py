@@ -156,10 +156,8 @@ def table(json_path=None, configs=TABLE_CONFIGS, rounds=5, steps=30, warmup=5):
     lines += ['', f"{first['device']}, {first['threads']} threads, float32; MFU against the {first['peak_source']} "
                   f"rate; peak memory is {first['peak_memory_source']}."]
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, 'w') as f:
-            json.dump({'configs': rows, 'scheme_ms_per_step': eager, 'scheme_overhead': overhead,
-                       'compiled_ms_per_step': compiled, 'lns_overhead_compiled': lns_compiled}, f, indent=1)
+        write_json(json_path, {'configs': rows, 'scheme_ms_per_step': eager, 'scheme_overhead': overhead,
+                               'compiled_ms_per_step': compiled, 'lns_overhead_compiled': lns_compiled})
     return '\n'.join(lines)
 
 
@@ -203,10 +201,14 @@ def paper_table(json_path=None, configs=PAPER_CONFIGS, extra=(), steps=10, warmu
     lines += ['', f"{first['device']}, {first['dtype']}, compile={first['compile']}; MFU against the "
                   f"{first['peak_source']}; peak memory is {first['peak_memory_source']}."]
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, 'w') as f:
-            json.dump({'configs': rows}, f, indent=1)
+        write_json(json_path, {'configs': rows})
     return '\n'.join(lines)
+
+
+def write_json(path, data):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(data, f, indent=1)
 
 
 def main(argv):
