@@ -102,3 +102,18 @@ def test_eval_layers_plots_the_logged_variance_by_depth_across_training(tmp_path
     logged = [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in read_log(run) if 'val_loss' in r]
     assert model['variance_during_training'] == logged and [r['iter'] for r in logged] == [0, 2, 4]
     assert (tmp_path / 'plots' / 'variance_during_training.png').stat().st_size > 0
+
+
+def test_pure_bf16_trains_under_ddp_like_one_process(tmp_path, char_data):
+    """Two processes split the global batch and all-reduce bf16 gradients: the same losses as one process, up to
+    bf16 rounding, and a bf16 checkpoint."""
+    from conftest import finish, launch, training_losses
+    common = TINY + [f'--data_dir={char_data}', '--dtype=pure_bfloat16', '--learning_rate=1e-3', '--max_iters=4',
+                     '--eval_interval=4', '--log_interval=1', '--gradient_accumulation_steps=2']
+    assert train.main(common + [f'--out_dir={tmp_path / "one"}']) == 0
+    code, _, err = finish(launch(common + [f'--out_dir={tmp_path / "two"}'], nproc=2))
+    assert code == 0, err
+    one, two = training_losses(tmp_path / 'one'), training_losses(tmp_path / 'two')
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert all(abs(one[i] - two[i]) < 2e-2 for i in one)
+    assert {t.dtype for t in read_checkpoint(tmp_path / 'two' / 'ckpt.pt')['model'].values()} == {torch.bfloat16}
