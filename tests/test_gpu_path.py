@@ -196,3 +196,15 @@ def test_the_paper_benchmark_table_runs_each_config_in_its_own_process(tmp_path)
     assert [row['config'] for row in rows] == ['130M', '1B (ffn 5504)']
     assert all(row['ms_per_step'] > 0 and row['tokens_per_step'] == 32 for row in rows)
     assert '| 1B (ffn 5504) |' in text and 'measured float32 matmul' in text
+
+
+@pytest.mark.slow
+def test_compile_with_ddp_and_activation_checkpointing_trains(tmp_path, char_data):
+    """The combination that torch before 2.6 rejected (requirements.txt asks for 2.6 or later)."""
+    from conftest import finish, launch
+    code, out, err = finish(launch(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=4',
+                                           '--eval_interval=4', '--gradient_accumulation_steps=2', '--compile=True',
+                                           '--activation_checkpointing=True'], nproc=2), timeout=600)
+    assert code == 0, err[-3000:]
+    val = [r['val_loss'] for r in read_log(tmp_path) if 'val_loss' in r]
+    assert len(val) == 2 and val[1] < val[0]
