@@ -87,7 +87,7 @@ def training_step_on_random_tokens(cfg, device):
     config = train.model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
     model, optimizer, autocast, scaler = train.build_model(cfg, config, device)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = train.wrap_for_training(model, cfg, train.Distributed(), device)  # compiled as in training
     batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
                for _ in range(cfg.gradient_accumulation_steps)]
 
