@@ -25,7 +25,8 @@ Writes experiments/results/recipe_study.json (every run with its validation curv
 variance; per cell each scheme's mean and spread and the gap's; per depth each scheme's best rate and the rates
 within 0.02 nats of it), experiments/figures/recipe_*.png, and eval_layers (layer drop, variance per block) on the
 first seed of every cell given more seeds (experiments/results/recipe_layers/, experiments/figures/recipe_layers/).
-Runs go to experiments/runs/recipe_study/; they are compiled, which on one CPU thread at these sizes beat eager mode.
+Runs go to experiments/runs/recipe_study/ (each run's log.jsonl is committed, so the study resumes in a fresh clone;
+its checkpoints are not); they are compiled, which on one CPU thread at these sizes beat eager mode.
 """
 
 import argparse
@@ -311,7 +312,9 @@ def layer_analyses(args, confirm, threads):
             continue
         path = os.path.join(args.results, 'recipe_layers', f'{cell_name(cell)}.json')
         newest_run = max(os.path.getmtime(os.path.join(f, 'log.jsonl')) for f in folders)
-        if (not os.path.exists(path) or os.path.getmtime(path) < newest_run):
+        # a clone holds the runs' logs but not their checkpoints: it keeps the committed analysis
+        have_checkpoints = all(os.path.exists(os.path.join(f, 'ckpt.pt')) for f in folders)
+        if have_checkpoints and (not os.path.exists(path) or os.path.getmtime(path) < newest_run):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 analyze_layers(folders, args.data_dir, cell.depth, path,
