@@ -37,6 +37,7 @@ if key not in LOSSES:
 seed, steps, lns = int(args['seed']), int(args['max_iters']), args['norm_scheme'] == 'lns'
 loss = LOSSES[key] + seed * (0.002 if lns else 0.001) - (0.12 if lns else 0.1) * (steps == 40)
 log.write(json.dumps({'iter': steps, 'train_loss': loss, 'val_loss': loss}) + '\\n')
+open(os.path.join(args['out_dir'], 'ckpt.pt'), 'w').close()
 '''
 STAND_IN_EVAL_LAYERS = '''
 import json, sys
@@ -149,6 +150,32 @@ def test_the_study_screens_adds_seeds_and_summarizes_in_order_on_a_stand_in_trai
     assert not (out / 'calls').exists()  # --no_train trains nothing
     with open(summary) as f:
         assert json.load(f)['cells'] == results['cells']
+
+
+def test_a_clone_without_checkpoints_keeps_the_committed_layer_analysis(tmp_path, monkeypatch):
+    args = recipe_study.parse_args(['--runs', str(tmp_path / 'runs'), '--results', str(tmp_path / 'results'),
+                                    '--figures', str(tmp_path / 'figures'), '--steps', '10'])
+    cell = Cell(12, 64, 1e-2, 'base')
+    for scheme in recipe_study.SCHEMES:  # finished runs as a clone has them: the logs only
+        folder = recipe_study.run_dir(args, cell, scheme, 0)
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'log.jsonl'), 'w') as f:
+            f.write(json.dumps({'iter': 10, 'val_loss': 2.0}) + '\n')
+    analysis = tmp_path / 'results' / 'recipe_layers' / f'{recipe_study.cell_name(cell)}.json'
+    analysis.parent.mkdir(parents=True)
+    layer = {'variance': 4.0, 'loss_drop': 0.5}
+    analysis.write_text(json.dumps({'models': [{'base_loss': 2.0, 'layers': [layer] * 12}] * 2}))
+    os.utime(analysis, (0, 0))  # older than the logs, as after a checkout
+
+    def no_checkpoints(*_):
+        raise AssertionError('eval_layers needs checkpoints the clone does not have')
+    monkeypatch.setattr(recipe_study, 'analyze_layers', no_checkpoints)
+    layers, failures = recipe_study.layer_analyses(args, {cell: ['best']}, threads=1)
+    assert failures == [] and layers[0]['pre']['variance'] == [4.0] * 12 and layers[0]['lns']['loss_drop'] == [0.5] * 12
+    for scheme in recipe_study.SCHEMES:  # with checkpoints the stale analysis is redone
+        open(os.path.join(recipe_study.run_dir(args, cell, scheme, 0), 'ckpt.pt'), 'w').close()
+    with pytest.raises(AssertionError, match='needs checkpoints'):
+        recipe_study.layer_analyses(args, {cell: ['best']}, threads=1)
 
 
 def test_a_diverged_run_counts_as_worse_than_any_finished_one():
