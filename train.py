@@ -77,6 +77,8 @@ class TrainConfig:
     device: str = 'auto'                   # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = 'float32'                 # 'float32', 'bfloat16' or 'float16' (autocast over float32 weights), or
                                            # 'pure_bfloat16': weights, gradients, Adam's state all bf16 (the authors')
+    tf32: bool = True                      # float32 matmuls on CUDA in TF32 (faster, about 3 digits); False: full
+                                           # float32, as on a CPU
     compile: bool = False                  # torch.compile the model
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
@@ -285,14 +287,15 @@ def build_model(cfg, config, device):
         model.to(torch.bfloat16)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    autocast, scaler = mixed_precision(cfg.dtype, device)
+    autocast, scaler = mixed_precision(cfg.dtype, device, cfg.tf32)
     return model, optimizer, autocast, scaler
 
 
-def mixed_precision(dtype, device):
-    """(autocast context, grad scaler) for dtype; also allows TF32 matmuls on GPUs (CPU float32 stays exact)."""
+def mixed_precision(dtype, device, tf32=True):
+    """(autocast context, grad scaler) for dtype; also sets whether float32 matmuls on a GPU may use TF32 (a CPU's
+    float32 stays exact)."""
     if device.type == 'cuda':
-        torch.set_float32_matmul_precision('high')
+        torch.set_float32_matmul_precision('high' if tf32 else 'highest')
     autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
         device.type, dtype=getattr(torch, dtype))
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')

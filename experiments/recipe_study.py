@@ -26,7 +26,9 @@ variance; per cell each scheme's mean and spread and the gap's; per depth each s
 within 0.02 nats of it), experiments/figures/recipe_*.png, and eval_layers (layer drop, variance per block) on the
 first seed of every cell given more seeds (experiments/results/recipe_layers/, experiments/figures/recipe_layers/).
 Runs go to experiments/runs/recipe_study/ (each run's log.jsonl is committed, so the study resumes in a fresh clone;
-its checkpoints are not); they are compiled, which on one CPU thread at these sizes beat eager mode.
+its checkpoints are not); they are compiled, which on one CPU thread at these sizes beat eager mode. With --device
+cuda the runs compute in full float32 (TF32 off) as on a CPU; experiments/recipe_study_gpu.sh runs several parts of
+the grid at once on one GPU.
 """
 
 import argparse
@@ -72,6 +74,8 @@ def parse_args(argv):
     parser.add_argument('--steps', type=int, default=1500, help='optimizer steps per run (32 x 64 tokens each)')
     parser.add_argument('--compile', type=lambda s: {'true': True, 'false': False}[s.lower()], default=True,
                         help='torch.compile the runs (True: faster on one CPU thread at these sizes)')
+    parser.add_argument('--device', default='cpu',
+                        help="cpu, or cuda: many small runs at a time on one GPU (in full float32, TF32 off)")
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time')
     parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
     parser.add_argument('--no_train', action='store_true', help='only summarize and analyze the finished runs')
@@ -117,7 +121,7 @@ def trainer_arguments(args, cell, scheme, seed):
             f'--min_lr={cell.learning_rate / 10:g}',
             f'--max_iters={steps}', f'--warmup_iters={steps // 10}', f'--eval_interval={steps // 5}',
             f'--log_interval={steps // 10}', '--eval_iters=20', f'--seed={seed}', f'--data_dir={args.data_dir}',
-            '--device=cpu', f'--compile={args.compile}', *FACTORS.get(cell.factor, [])]
+            f'--device={args.device}', '--tf32=False', f'--compile={args.compile}', *FACTORS.get(cell.factor, [])]
 
 
 def train_cell(args, cell, scheme, seed, threads):
@@ -318,7 +322,7 @@ def layer_analyses(args, confirm, threads):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 analyze_layers(folders, args.data_dir, cell.depth, path,
-                               os.path.join(args.figures, 'recipe_layers', cell_name(cell)), threads)
+                               os.path.join(args.figures, 'recipe_layers', cell_name(cell)), threads, args.device)
             except RunFailed as error:
                 print(f"failed: {error}", flush=True)
                 failures.append(str(error))

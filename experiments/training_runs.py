@@ -102,10 +102,10 @@ def run_all(tasks, jobs):
         return [message for message in pool.map(attempt, tasks) if message]
 
 
-def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads):
+def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads, device='cpu'):
     """eval_layers.py on the checkpoints in `folders`: layer drop, angular distance and variance per block."""
     command = [sys.executable, EVAL_LAYERS_SCRIPT, *folders, '--data', data_dir, '--tokens', '16384',
-               '--block_size', '64', '--max_distance', str(depth), '--device', 'cpu', '--json', json_path,
+               '--block_size', '64', '--max_distance', str(depth), '--device', device, '--json', json_path,
                '--plot', plot_dir]
     result = subprocess.run(command, env={**os.environ, 'OMP_NUM_THREADS': str(threads)},
                             capture_output=True, text=True)
@@ -124,11 +124,13 @@ def spread(values):
 
 
 def write_json(path, data):
-    """Written to a temporary file and renamed: a reader never sees half a file."""
+    """Written to a temporary file of this process and renamed: a reader never sees half a file, and studies
+    running side by side (experiments/recipe_study_gpu.sh) never share the temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    temporary = f'{path}.{os.getpid()}.tmp'
+    with open(temporary, 'w') as f:
         json.dump(data, f, indent=1)
-    os.replace(path + '.tmp', path)
+    os.replace(temporary, path)
 
 
 def pyplot():

@@ -231,7 +231,9 @@ def test_the_study_trains_the_base_recipe_with_heads_of_16_and_the_authors_facto
         (24, 256, 16, 'lns', 2)
     assert (cfg.batch_size, cfg.block_size, cfg.weight_decay, cfg.grad_clip) == (32, 64, 0.0, 0.0)
     assert (cfg.learning_rate, cfg.min_lr, cfg.max_iters, cfg.warmup_iters) == (3e-3, 3e-4, 1500, 150)
-    assert cfg.compile and cfg.device == 'cpu' and cfg.data_dir == 'somewhere'
+    assert cfg.compile and cfg.device == 'cpu' and not cfg.tf32 and cfg.data_dir == 'somewhere'
+    on_gpu = recipe_study.parse_args(['--device', 'cuda', '--data_dir', 'somewhere'])
+    assert parse_config(recipe_study.trainer_arguments(on_gpu, Cell(12, 64, 1e-2, 'base'), 'pre', 0)).device == 'cuda'
     longer = recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, 'steps_x4'), 'pre', 0)
     assert '--max_iters=6000' in longer and '--warmup_iters=600' in longer
     authors = parse_config(recipe_study.trainer_arguments(args, Cell(12, 64, 1e-2, 'pure_bf16_embedding_std_0.632'),

@@ -208,3 +208,18 @@ def test_compile_with_ddp_and_activation_checkpointing_trains(tmp_path, char_dat
     assert code == 0, err[-3000:]
     val = [r['val_loss'] for r in read_log(tmp_path) if 'val_loss' in r]
     assert len(val) == 2 and val[1] < val[0]
+
+
+def test_tf32_setting_decides_the_float32_matmul_precision_on_a_gpu_only():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision('medium')
+        train.mixed_precision('float32', torch.device('cpu'), tf32=False)
+        assert torch.get_float32_matmul_precision() == 'medium'  # a CPU's precision is never touched
+        train.mixed_precision('float32', torch.device('cuda'), tf32=False)
+        assert torch.get_float32_matmul_precision() == 'highest'
+        train.mixed_precision('float32', torch.device('cuda'))
+        assert torch.get_float32_matmul_precision() == 'high'
+        assert train.parse_config(['--tf32=False']).tf32 is False
+    finally:
+        torch.set_float32_matmul_precision(before)
