@@ -280,11 +280,9 @@ def analyze(model, x, y, batch_size, device, autocast, max_distance, last_k, pro
     base_loss = 0.0
     drop_loss = [0.0] * L                # loss with block l (index l-1) skipped
     cumulative_loss = [0.0] * min(last_k, L)
-    distance = torch.zeros(L, N, dtype=torch.float64)   # [l-1, n-1]: block l's input against block l+n's
-    square_sum = torch.zeros(L + 1, dtype=torch.float64)
-    value_sum = torch.zeros(L + 1, dtype=torch.float64)
-    norm_sum = torch.zeros(L + 1, dtype=torch.float64)
-    update_sum = torch.zeros(L + 1, dtype=torch.float64)
+    # sums on the model's device: the residuals' sums are tensors there, which a CPU tensor cannot take in place
+    distance = torch.zeros(L, N, dtype=torch.float64, device=device)  # [l-1, n-1]: block l's input vs block l+n's
+    square_sum, value_sum, norm_sum, update_sum = torch.zeros(4, L + 1, dtype=torch.float64, device=device)
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
     for xb, yb in tqdm(batches, desc='batches', leave=False, disable=None if progress else True):
         xb, yb = xb.to(device), yb.to(device)

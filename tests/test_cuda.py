@@ -23,12 +23,14 @@ def losses(out_dir):
     return {r['iter']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
 
 
-@pytest.mark.parametrize('dtype, tolerance', [('float32', 0.0), ('bfloat16', 2e-2)])
+@pytest.mark.parametrize('dtype, tolerance', [('float32', 1e-4), ('bfloat16', 2e-2)])
 def test_resume_on_cuda_continues_with_the_same_losses(tmp_path, char_data, dtype, tolerance):
-    """float32: the same losses to the bit (every kernel here is deterministic run to run for equal inputs);
-    bf16 autocast: within 2% (kernels may pick other reduction orders once the state comes back from the CPU)."""
+    """Within a hair in float32 and 2% in bf16 autocast: some CUDA kernels (the attention backward among them) may
+    add in another order from run to run; a resume that lost a piece of state (dropout's RNG, Adam's moments, the
+    schedule) differs by percents from the first step after it. The schedule is pinned to 20 steps, so that the
+    first half runs the whole run's learning rates."""
     common = SMALL + [f'--data_dir={char_data}', f'--dtype={dtype}', '--eval_interval=10', '--dropout=0.1',
-                      '--gradient_accumulation_steps=2']
+                      '--gradient_accumulation_steps=2', '--lr_decay_iters=20']
     whole, halves = tmp_path / 'whole', tmp_path / 'halves'
     assert train.main(common + [f'--out_dir={whole}', '--max_iters=20']) == 0
     assert train.main(common + [f'--out_dir={halves}', '--max_iters=10']) == 0
@@ -97,3 +99,24 @@ def test_dropping_the_logits_lowers_peak_memory_by_about_their_size():
     print(f"peak memory with logits kept {kept / 2**20:.0f} MiB, dropped {dropped / 2**20:.0f} MiB "
           f"(bf16 logits: {logits_bytes / 2**20:.0f} MiB)")
     assert kept - dropped >= 0.25 * logits_bytes  # the peak falls in the backward, where the kept logits add to it
+
+
+def test_layer_analysis_on_cuda_matches_the_cpu():
+    import eval_layers
+    from contextlib import nullcontext
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch='llama', norm_scheme='lns', n_layer=4, n_head=2, n_embd=32, vocab_size=65,
+                          block_size=16))
+    x, y = torch.randint(0, 65, (2, 8, 16)).unbind()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')  # no TF32: both devices in full float32
+    try:
+        on_cpu = eval_layers.analyze(model, x, y, 4, torch.device('cpu'), nullcontext(), 3, 2, progress=False)
+        on_gpu = eval_layers.analyze(model.cuda(), x, y, 4, torch.device('cuda'), nullcontext(), 3, 2,
+                                     progress=False)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert on_gpu['base_loss'] == pytest.approx(on_cpu['base_loss'], rel=1e-5)
+    for a, b in zip(on_cpu['layers'], on_gpu['layers']):
+        assert (b['loss_drop'], b['variance'], b['angular_distance_next']) == pytest.approx(
+            (a['loss_drop'], a['variance'], a['angular_distance_next']), rel=1e-4, abs=1e-6)
