@@ -40,7 +40,8 @@ import time
 from collections import defaultdict, namedtuple
 
 from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, outcome, pyplot, read_log,
-                           require_prepared_data, run_all, spread, threads_per_job, train, val_curve, write_json)
+                           require_prepared_data, run_all, run_device, spread, threads_per_job, train, val_curve,
+                           write_json)
 
 SCHEMES = ('pre', 'lns')
 BASE_CONFIG = os.path.join(ROOT, 'config', 'shakespeare_char_deep12.py')
@@ -359,12 +360,15 @@ def report(args, threads):
             for seed, loss in by_seed.items():
                 folder = run_dir(args, cell, scheme, seed)
                 variances = [r['block_variance'] for r in read_log(folder) if 'block_variance' in r]
-                runs.append({**cell._asdict(), 'norm_scheme': scheme, 'seed': seed,
+                runs.append({**cell._asdict(), 'norm_scheme': scheme, 'seed': seed, 'device': run_device(folder),
                              'final_val_loss': finite_or_none(loss), 'diverged': not math.isfinite(loss),
                              'val_curve': val_curve(folder),
                              'final_block_variance': variances[-1] if variances else None})
         if losses:
-            rows.append({**describe_cell(args, cell, losses), 'more_seeds_because': confirm.get(cell, [])})
+            devices = sorted({str(run_device(run_dir(args, cell, scheme, seed)))
+                              for scheme, by_seed in losses.items() for seed in by_seed})
+            rows.append({**describe_cell(args, cell, losses), 'devices': devices,
+                         'more_seeds_because': confirm.get(cell, [])})
     if not runs:
         sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
     layers, failures = layer_analyses(args, confirm, threads)
@@ -395,11 +399,11 @@ def format_loss(stats):
 
 
 def markdown_table(rows):
-    lines = ['| depth | width | lr | factor | pre | lns | gap (lns - pre) | seeds |', '|' + ' --- |' * 8]
+    lines = ['| depth | width | lr | factor | pre | lns | gap (lns - pre) | seeds | trained on |', '|' + ' --- |' * 9]
     for r in rows:
         lines.append(f"| {r['depth']} | {r['width']} | {r['learning_rate']:g} | {r['factor']} | "
                      f"{format_loss(r['pre'])} | {format_loss(r['lns'])} | "
-                     f"{format_loss({**r['gap'], 'diverged': 0})} | {r['gap']['n']} |")
+                     f"{format_loss({**r['gap'], 'diverged': 0})} | {r['gap']['n']} | {', '.join(r['devices'])} |")
     return '\n'.join(lines)
 
 

@@ -7,6 +7,7 @@ runs, and the mean and spread of a set of losses.
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,19 @@ def final_val_loss(folder):
     if any('diverged' in r for r in records):
         return float('nan')
     return [r['val_loss'] for r in records if 'val_loss' in r][-1]
+
+
+def run_device(folder):
+    """The device a run trained on, as train.py's start-up line in folder/train.out names it ('cpu', 'NVIDIA
+    H200', ...); None without that file."""
+    path = os.path.join(folder, 'train.out')
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                match = re.match(r'\d+ process\(es\)(?:, DDP over \w+)? on (.+?) \(peak', line)
+                if match:
+                    return match.group(1)
+    return None
 
 
 def val_curve(folder):

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -299,3 +300,16 @@ def test_recipe_study_trains_with_the_real_trainer(tmp_path):
     with open(tmp_path / 'results' / 'recipe_study.json') as f:
         cell, = json.load(f)['cells']
     assert cell['pre']['n'] == cell['lns']['n'] == 1 and math.isfinite(cell['gap']['mean'])
+
+
+def test_a_run_names_the_device_it_trained_on_from_the_trainers_start_up_line(tmp_path, capsys):
+    import train
+    from model import GPT, GPTConfig
+    cfg = train.parse_config(['--device=cpu'])
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65)
+    train.print_startup(cfg, config, GPT(config), torch.device('cpu'), train.Distributed())
+    (tmp_path / 'train.out').write_text(capsys.readouterr().out)
+    assert training_runs.run_device(str(tmp_path)) == 'cpu'
+    (tmp_path / 'train.out').write_text('config: ...\n8 process(es), DDP over nccl on NVIDIA H200 (peak 989 TFLOP/s); 1\n')
+    assert training_runs.run_device(str(tmp_path)) == 'NVIDIA H200'
+    assert training_runs.run_device(str(tmp_path / 'nowhere')) is None
