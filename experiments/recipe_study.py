@@ -25,10 +25,10 @@ Writes experiments/results/recipe_study.json (every run with its validation curv
 variance; per cell each scheme's mean and spread and the gap's; per depth each scheme's best rate and the rates
 within 0.02 nats of it), experiments/figures/recipe_*.png, and eval_layers (layer drop, variance per block) on the
 first seed of every cell given more seeds (experiments/results/recipe_layers/, experiments/figures/recipe_layers/).
-Runs go to experiments/runs/recipe_study/ (each run's log.jsonl is committed, so the study resumes in a fresh clone;
-its checkpoints are not); they are compiled, which on one CPU thread at these sizes beat eager mode. With --device
-cuda the runs compute in full float32 (TF32 off) as on a CPU; experiments/recipe_study_gpu.sh runs several parts of
-the grid at once on one GPU.
+Runs go to experiments/runs/recipe_study/ (each run's log.jsonl and train.out are committed, so the study resumes in
+a fresh clone; its checkpoints are not); they are compiled, which on one CPU thread at these sizes beat eager mode.
+With --device cuda the runs compute in full float32 (TF32 off) as on a CPU; experiments/recipe_study_gpu.sh runs
+several parts of the grid at once on one GPU.
 """
 
 import argparse
@@ -356,6 +356,7 @@ def report(args, threads):
     for cell in cells:
         seeds = args.seeds if cell in confirm else args.seeds[:1]
         losses = final_losses(args, cell, seeds)
+        first_of_cell = len(runs)
         for scheme, by_seed in losses.items():
             for seed, loss in by_seed.items():
                 folder = run_dir(args, cell, scheme, seed)
@@ -365,8 +366,7 @@ def report(args, threads):
                              'val_curve': val_curve(folder),
                              'final_block_variance': variances[-1] if variances else None})
         if losses:
-            devices = sorted({str(run_device(run_dir(args, cell, scheme, seed)))
-                              for scheme, by_seed in losses.items() for seed in by_seed})
+            devices = sorted({str(run['device']) for run in runs[first_of_cell:]})
             rows.append({**describe_cell(args, cell, losses), 'devices': devices,
                          'more_seeds_because': confirm.get(cell, [])})
     if not runs:

@@ -310,6 +310,7 @@ def test_a_run_names_the_device_it_trained_on_from_the_trainers_start_up_line(tm
     train.print_startup(cfg, config, GPT(config), torch.device('cpu'), train.Distributed())
     (tmp_path / 'train.out').write_text(capsys.readouterr().out)
     assert training_runs.run_device(str(tmp_path)) == 'cpu'
-    (tmp_path / 'train.out').write_text('config: ...\n8 process(es), DDP over nccl on NVIDIA H200 (peak 989 TFLOP/s); 1\n')
+    ddp_line = '8 process(es), DDP over nccl on NVIDIA H200 (peak 989 TFLOP/s); 1 parameters'
+    (tmp_path / 'train.out').write_text(f'config: ...\n{ddp_line}\n')
     assert training_runs.run_device(str(tmp_path)) == 'NVIDIA H200'
     assert training_runs.run_device(str(tmp_path / 'nowhere')) is None
