@@ -63,6 +63,7 @@ def split_bench_args(argv):
 def bench(cfg, steps, warmup):
     """Times `steps` training steps of cfg's model after `warmup` more; the result as a dict (see main)."""
     device = train.resolve_device(cfg.device, train.Distributed())
+    cfg = train.resolve_batch(cfg, world_size=1)  # one process: a global batch runs as its micro-steps
     model, step = training_step_on_random_tokens(cfg, device)
     warmup_start = time.perf_counter()
     for _ in range(warmup):
@@ -188,7 +189,8 @@ def paper_table(json_path=None, configs=PAPER_CONFIGS, extra=(), steps=10, warmu
     rows = []
     for name, args in configs.items():
         args = [os.path.join(os.path.dirname(os.path.abspath(__file__)), a) if a.endswith('.py') else a for a in args]
-        result = measure(args + ['--gradient_accumulation_steps=1', *extra], steps=steps, warmup=warmup)
+        one_micro_step = ['--global_batch_size=None', '--gradient_accumulation_steps=1']
+        result = measure(args + one_micro_step + list(extra), steps=steps, warmup=warmup)
         rows.append({'config': name, **result})
         print(f"{name}: {result['ms_per_step']:.1f} ms/step", file=sys.stderr, flush=True)
     lines = ['| config | parameters | micro-batch (tokens) | ms/step | tokens/s | MFU | peak memory | warm-up |',

@@ -428,11 +428,12 @@ class GPT(nn.Module):
         return model
 
 
-def read_checkpoint(path):
-    """Loads a checkpoint written by train.py (tensors and plain types only) into CPU memory; ValueError in one
-    sentence otherwise. Move the model, not the checkpoint, to a GPU: RNG states must stay on the CPU."""
+def read_checkpoint(path, mmap=False):
+    """Loads a checkpoint written by train.py (tensors and plain types only) into CPU memory, or with mmap maps
+    the file (tensors read from the page cache on first use); ValueError in one sentence otherwise. Move the
+    model, not the checkpoint, to a GPU: RNG states must stay on the CPU."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}; train one first or check the path") from None
     except Exception as error:

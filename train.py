@@ -13,6 +13,7 @@ in the order it calls them.
 import ast
 import datetime
 import glob
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, get_args, get_type_hints
 
 import numpy as np
@@ -41,6 +42,9 @@ class TrainConfig:
     eval_iters: int = 20                   # batches per split in each evaluation; the same batches every time
     eval_tokens: int = 0                   # rows layout: evaluate on validation rows until more than this many
                                            # non-pad tokens (the authors' rule; 0: eval_iters batches)
+    authors_eval_gpus: int = 1             # the authors' estimator as their run computed it, whatever our process
+    authors_eval_batch_size: Optional[int] = None  # count: their GPUs and per-GPU evaluation batch (None:
+                                           # batch_size); see evaluation_set
     log_interval: int = 25                 # print and log the training loss every this many iterations
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
@@ -52,10 +56,15 @@ class TrainConfig:
     # data
     dataset: str = 'shakespeare_char'      # a folder under data/ made by its prepare.py
     data_dir: str = ''                     # '' means data/<dataset> beside this file
-    batch_size: int = 16                   # sequences per micro-step
+    batch_size: int = 16                   # sequences per micro-step; with global_batch_size, the most one process
+                                           # runs at once (a ceiling that fits its GPU): the trainer picks the largest
+                                           # micro-batch up to it that divides the process's share
     block_size: int = 64                   # tokens per sequence (the model's block_size too)
-    gradient_accumulation_steps: int = 1   # micro-steps per optimizer step, all processes together (torchrun
-                                           # divides them), so the global batch does not depend on the GPU count
+    global_batch_size: Optional[int] = None  # sequences per optimizer step over all processes, whatever their
+                                           # number (the paper's recipe: 512); None: batch_size x
+                                           # gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1   # without global_batch_size: micro-steps per optimizer step, all processes
+                                           # together (torchrun divides them, as nanoGPT's)
     # the model: settings of model.GPTConfig, which declares, defaults and documents each one. Config files and
     # --key=value set them by name like any other setting (--n_layer=24); vocab_size unset or None: the dataset's.
     # The default run is a small deep Llama with LNS; every setting not named here takes GPTConfig's default.
@@ -100,6 +109,7 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
                  **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
+DIAGNOSTIC_TOKENS = 2048  # the per-block diagnostics' batch: 8 rows of the paper's 256 tokens, 32 of 64
 
 
 class UserError(Exception):
@@ -114,6 +124,7 @@ class Diverged(UserError):
 
 def train(cfg, dist, device):
     """Trains the model cfg describes; returns the best validation loss."""
+    cfg = resolve_batch(cfg, dist.world_size)
     data_dir, meta, config = check_inputs(cfg, dist)
     checkpoint = load_resume_checkpoint(cfg, config) if cfg.init_from == 'resume' else None
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
@@ -200,7 +211,7 @@ class Progress:
         self.flops_per_iter = model.flops_per_token(cfg.block_size) * self.tokens_per_iter
         _, peak = peak_flops(device, cfg.dtype)
         self.peak = peak * dist.world_size if peak else None
-        self.master, self.log_path, self.wandb = dist.master, log_path, cfg.wandb_log
+        self.master, self.log_path, self.wandb, self.device = dist.master, log_path, cfg.wandb_log, device
         if self.wandb and self.master:
             import wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.settings())
@@ -210,6 +221,8 @@ class Progress:
             return
         record = {'iter': iter_num, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm.item(),
                   'ms_per_iter': None, 'tokens_per_sec': None, 'mfu': None}
+        if self.device.type == 'cuda':  # the allocator's own count: no wait for the GPU
+            record['peak_memory_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         speed = 'timing starts after the first step'
         if seconds_per_iter is not None:  # None: only the first step (compilation) since the start
             record.update(ms_per_iter=1000 * seconds_per_iter, tokens_per_sec=self.tokens_per_iter / seconds_per_iter,
@@ -227,9 +240,6 @@ class Progress:
 
 def check_inputs(cfg, dist):
     """Everything about the data and out_dir that can be wrong, before anything is built or written."""
-    if cfg.gradient_accumulation_steps % dist.world_size:
-        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
-                        f"number of processes ({dist.world_size}) to keep the global batch; change one of them")
     data_dir = resolve_data_dir(cfg)
     meta = read_meta(data_dir, cfg.dataset)
     config = model_config(cfg, meta['vocab_size'])
@@ -254,17 +264,46 @@ def check_inputs(cfg, dist):
                             f"{config.vocab_size}; prepare the data again or raise vocab_size")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
+    if dist.ddp:  # each node reads its own copy of the data: a different one would draw an inconsistent batch
+        fingerprints = [None] * dist.world_size
+        torch.distributed.all_gather_object(fingerprints, data_fingerprint(data_dir))
+        others = [rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != fingerprints[0]]
+        if others:  # every process refuses, so none waits for the others in a collective
+            raise UserError(f"rank(s) {', '.join(map(str, others))} found other data in {data_dir} than rank 0 "
+                            f"(meta.json, or the size or contents of train.bin or val.bin); give every node the "
+                            f"same prepared data")
     return data_dir, meta, config
+
+
+def resolve_batch(cfg, world_size):
+    """cfg for world_size processes: batch_size the micro-batch, gradient_accumulation_steps the micro-steps of all
+    processes together (their product the global batch), authors_eval_batch_size set. With global_batch_size, each
+    process's share of it runs in the largest micro-batch that divides the share and fits the batch_size ceiling."""
+    cfg = replace(cfg, authors_eval_batch_size=cfg.authors_eval_batch_size or cfg.batch_size)
+    if cfg.global_batch_size is None:
+        if cfg.gradient_accumulation_steps % world_size:
+            raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+                            f"the number of processes ({world_size}) to keep the global batch; change one of them")
+        return cfg
+    total = cfg.global_batch_size
+    if total % world_size:
+        counts = [n for n in range(1, total + 1) if total % n == 0]
+        raise UserError(f"global_batch_size {total} cannot be shared evenly by {world_size} processes; run "
+                        f"{', '.join(map(str, counts))} processes, or change global_batch_size")
+    share = total // world_size
+    micro_batch = max(b for b in range(1, min(cfg.batch_size, share) + 1) if share % b == 0)
+    return replace(cfg, batch_size=micro_batch, gradient_accumulation_steps=share // micro_batch * world_size)
 
 
 def load_resume_checkpoint(cfg, config):
     """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
-    and no GPU holds a second copy of the weights and optimizer state."""
+    and no GPU holds a second copy of the weights and optimizer state. Memory-mapped, so that the processes of a
+    node share one copy in the page cache instead of reading one each."""
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
     try:
-        checkpoint = read_checkpoint(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)
     except ValueError as error:
         raise UserError(str(error)) from None
     try:  # resolved again, so that settings added since the checkpoint take their defaults
@@ -345,9 +384,10 @@ def print_startup(cfg, config, model, device, dist):
     print(f"{dist.world_size} process(es){ddp} on {device_name} "
           f"(peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})"
           f"; {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)")
-    print(f"{tokens_per_iter:,} tokens per iteration = {cfg.batch_size} sequences x {cfg.block_size} tokens x "
-          f"{cfg.gradient_accumulation_steps} micro-steps ({cfg.gradient_accumulation_steps // dist.world_size} "
-          f"per process); {model.flops_per_token(cfg.block_size):,} FLOPs per token")
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    print(f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} sequences per step = {dist.world_size} process(es) "
+          f"x {micro_steps} micro-step(s) x {cfg.batch_size} sequences; {tokens_per_iter:,} tokens per step; "
+          f"{model.flops_per_token(cfg.block_size):,} FLOPs per token")
     print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
 
 
@@ -366,6 +406,23 @@ def read_meta(data_dir, dataset):
                         f"run: python data/{dataset}/prepare.py")
     with open(paths[0]) as f:
         return json.load(f)
+
+
+def data_fingerprint(data_dir, pieces=64, piece_bytes=1 << 16):
+    """A digest of a prepared dataset that is quick to take on tens of GB: meta.json, each split's size, and
+    `pieces` evenly spread pieces of each split."""
+    digest = hashlib.sha256()
+    with open(os.path.join(data_dir, 'meta.json'), 'rb') as f:
+        digest.update(f.read())
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path)
+        digest.update(str(size).encode())
+        with open(path, 'rb') as f:
+            for piece in range(pieces):
+                f.seek(piece * max(0, size - piece_bytes) // (pieces - 1))
+                digest.update(f.read(piece_bytes))
+    return digest.hexdigest()
 
 
 def open_tokens(data_dir, split):
@@ -404,30 +461,38 @@ class TokenData:
         return torch.from_numpy(rows)
 
     def row_order(self, data_pass, n_rows):
-        if self._order[0] != data_pass:
-            self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(n_rows))
+        if self._order[0] != data_pass:  # int32: half the memory of numpy's default at 51M rows, the same order
+            rows = np.arange(n_rows, dtype=np.int32)
+            self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(rows))
         return self._order[1]
 
     def eval_batches(self, split, cfg, generator):
-        """The fixed evaluation batches of split: eval_iters batches at random places; for the rows layout's
-        validation split with eval_tokens set, rows in a fixed shuffled order, batch after batch until more than
-        eval_tokens non-pad tokens are in (the authors' rule)."""
+        """The fixed evaluation batches of split, as (sequences, GPU) pairs: eval_iters batches at random places
+        (GPU 0); for the rows layout's validation split with eval_tokens set, the authors' evaluation set as their
+        run read it: the rows in a fixed shuffled order dealt out in turn to authors_eval_gpus GPUs, each reading
+        batches of authors_eval_batch_size rows until its non-pad tokens times the GPU count exceed eval_tokens."""
         tokens = self.tokens(split)
         if self.layout == 'packed':
-            return [random_offsets(tokens, cfg.batch_size, cfg.block_size, generator) for _ in range(cfg.eval_iters)]
+            return [(random_offsets(tokens, cfg.batch_size, cfg.block_size, generator), 0)
+                    for _ in range(cfg.eval_iters)]
         if split != 'val' or not cfg.eval_tokens:
-            return [torch.randint(len(tokens), (cfg.batch_size,), generator=generator) for _ in range(cfg.eval_iters)]
+            return [(torch.randint(len(tokens), (cfg.batch_size,), generator=generator), 0)
+                    for _ in range(cfg.eval_iters)]
         order = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))
-        batches, counted = [], 0
-        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            if counted > cfg.eval_tokens:
-                break
-            batch = order[start:start + cfg.batch_size]
-            counted += int((tokens[np.sort(batch)] != self.pad_id).sum())
-            batches.append(torch.from_numpy(batch))
-        if counted <= cfg.eval_tokens:
-            raise UserError(f"val.bin in {self.dir} holds {counted:,} non-pad tokens in whole batches, not more than "
-                            f"eval_tokens={cfg.eval_tokens:,}; lower eval_tokens or prepare more validation data")
+        gpus, size = cfg.authors_eval_gpus, cfg.authors_eval_batch_size
+        batches = []
+        for gpu in range(gpus):
+            share, counted = order[gpu::gpus], 0
+            for start in range(0, len(share) - size + 1, size):
+                if counted * gpus > cfg.eval_tokens:
+                    break
+                batch = share[start:start + size]
+                counted += int((tokens[np.sort(batch)] != self.pad_id).sum())
+                batches.append((torch.from_numpy(batch), gpu))
+            if counted * gpus <= cfg.eval_tokens:
+                raise UserError(f"val.bin in {self.dir} holds too few rows for eval_tokens={cfg.eval_tokens:,} as "
+                                f"{gpus} GPU(s) read it in batches of {size} ({counted * gpus:,} non-pad tokens on "
+                                f"GPU {gpu}); lower eval_tokens or prepare more validation data")
         return batches
 
     def read(self, split, starts, block_size, device):
@@ -500,7 +565,9 @@ def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, di
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed one
+    # would come back as a second, separate copy in the next micro-steps without sync
+    optimizer.zero_grad(set_to_none=False)
     return loss_sum / micro_steps, grad_norm
 
 
@@ -570,7 +637,7 @@ class Stopwatch:
 def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path):
     """Evaluates, logs the losses and the per-block depth diagnostics, and returns the validation loss; a
     non-finite one stops the run (Diverged) before anything is saved."""
-    losses = estimate_loss(model, data, eval_batches, cfg.block_size, device, autocast, dist)
+    losses = estimate_loss(model, data, eval_batches, cfg, device, autocast, dist)
     if not math.isfinite(losses['val']):
         if dist.master:
             append_log(log_path, {'iter': iter_num, 'diverged': 'val'})
@@ -583,9 +650,12 @@ def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, l
     if data.layout == 'rows':  # beside the authors' estimator, so that a number compares with their Table 1
         record.update(val_ppl=math.exp(losses['val']), val_loss_authors=losses['val_authors'],
                       val_ppl_authors=math.exp(losses['val_authors']))
-        line += f" (perplexity {record['val_ppl']:.2f}; the authors' estimator: {record['val_ppl_authors']:.2f})"
-    x, y = data.read('val', eval_batches['val'][0], cfg.block_size, device)
-    record.update(depth_diagnostics(model, x, y, autocast))
+        line += (f" (perplexity {record['val_ppl']:.2f}; the authors' estimator as {cfg.authors_eval_gpus} GPU(s) x "
+                 f"{cfg.authors_eval_batch_size} rows read it: {record['val_ppl_authors']:.2f})")
+    # the first sequences of the first validation batch, a fixed 2,048 tokens: on a whole training micro-batch the
+    # diagnostics' activations and gradient copy would need several times a checkpointed training step's memory
+    starts = eval_batches['val'][0][0][:max(1, DIAGNOSTIC_TOKENS // cfg.block_size)]
+    record.update(depth_diagnostics(model, *data.read('val', starts, cfg.block_size, device), autocast))
     print(line)
     append_log(log_path, record)
     if cfg.wandb_log:
@@ -595,29 +665,38 @@ def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, l
 
 
 @torch.no_grad()
-def estimate_loss(model, data, eval_batches, block_size, device, autocast, dist):
-    """Per split, the mean loss per target token over its fixed evaluation batches, shared out among the processes;
-    and 'val_authors', the authors' estimator: the sum of per-batch mean losses over (batches + 1), which reads
-    slightly low."""
+def estimate_loss(model, data, eval_batches, cfg, device, autocast, dist):
+    """Per split, the mean loss per target token over its fixed evaluation batches, and for 'val' also
+    'val_authors', the authors' estimator (authors_estimate). Each batch is read in micro-batches shared out
+    among the processes, and its loss sum and token count are added up over them."""
     model.eval()
     losses = {}
     for split, batches in eval_batches.items():
-        mine = batches[dist.rank::dist.world_size]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x tokens, tokens, batch means, batches
+        chunks = [(i, chunk) for i, (starts, _) in enumerate(batches) for chunk in starts.split(cfg.batch_size)]
+        mine = chunks[dist.rank::dist.world_size]
+        sums = torch.zeros(len(batches), 2, dtype=torch.float64, device=device)  # per batch: loss x tokens, tokens
         quiet = not dist.master or len(mine) < 20 or None  # None: tqdm shows bars only on a terminal
-        for starts in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
-            x, y = data.read(split, starts, block_size, device)
+        for i, starts in tqdm(mine, desc=f'eval {split}', leave=False, disable=quiet):
+            x, y = data.read(split, starts, cfg.block_size, device)
             with autocast:
                 _, loss = model(x, y, return_logits=False)
             tokens = (y >= 0).sum().double()
-            loss = loss.double()
-            sums += torch.stack([torch.where(tokens > 0, loss * tokens, 0.0), tokens, loss, torch.ones_like(loss)])
-        loss_tokens, tokens, batch_means, count = all_reduce(sums, dist).tolist()
-        losses[split] = loss_tokens / tokens
+            sums[i] += torch.stack([torch.where(tokens > 0, loss.double() * tokens, 0.0), tokens])
+        loss_sums, tokens = all_reduce(sums, dist).cpu().unbind(1)
+        losses[split] = (loss_sums.sum() / tokens.sum()).item()
         if split == 'val':
-            losses['val_authors'] = batch_means / (count + 1)
+            losses['val_authors'] = authors_estimate(loss_sums, tokens, [gpu for _, gpu in batches])
     model.train()
     return losses
+
+
+def authors_estimate(loss_sums, tokens, gpus):
+    """The loss the authors' evaluation reports, from each batch's loss sum and target count and the GPU that read
+    it: per GPU, the sum of its batches' mean losses divided by (its batches + 1), their counter starting at 1;
+    then the plain mean over the GPUs. It reads low by about 1/(batches per GPU + 1) of the loss."""
+    means = loss_sums / tokens.clamp(min=1)
+    gpus = torch.tensor(gpus)
+    return torch.stack([means[gpus == gpu].sum() / ((gpus == gpu).sum() + 1) for gpu in gpus.unique()]).mean().item()
 
 
 def depth_diagnostics(model, x, y, autocast):
@@ -851,6 +930,10 @@ def parse_config(argv):
                 values[key] = check_value(key, value, arg)
         else:
             raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
+    if values.get('global_batch_size') is not None and 'gradient_accumulation_steps' in values:
+        raise UserError(f"global_batch_size ({values['global_batch_size']}) fixes the sequences per step and the "
+                        f"trainer derives the micro-steps from it; drop gradient_accumulation_steps (lower batch_size "
+                        f"to use less memory), or set --global_batch_size=None to count micro-steps yourself")
     model = {key: values.pop(key) for key in MODEL_KEYS if key in values}
     cfg = TrainConfig(**values)
     cfg.model.update(model)
@@ -874,7 +957,8 @@ AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, Fal
     (0, None, True, 'positive')
 RANGES = {
     **dict.fromkeys(['eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
-                     'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes', 'lr_decay_iters'], AT_LEAST_1),
+                     'global_batch_size', 'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes',
+                     'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'], AT_LEAST_1),
     **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
     'learning_rate': POSITIVE,
     **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),

@@ -13,11 +13,11 @@ n_head = 12
 n_embd = 768
 ffn_hidden = 2048
 
-# 512 sequences per step = batch_size x gradient_accumulation_steps, the accumulation steps counted over all GPUs
-# together (1 GPU: 64 x 8 each, as the authors ran it); batch_size is also the evaluation batch of
-# the authors' estimator. With less memory per GPU, halve batch_size and double gradient_accumulation_steps.
+# the most sequences one GPU runs at once (the authors: 1 GPU x 64, 8 micro-steps, 512 a step); lower it when a
+# GPU runs out of memory: the 512 stay. The authors' estimator is computed as their 1 GPU x 64 rows did.
 batch_size = 64
-gradient_accumulation_steps = 8
+authors_eval_gpus = 1
+authors_eval_batch_size = 64
 
 learning_rate = 1e-3
 min_lr = 1e-4

@@ -13,11 +13,11 @@ n_head = 32
 n_embd = 2048
 ffn_hidden = 5461
 
-# 512 sequences per step = batch_size x gradient_accumulation_steps, the accumulation steps counted over all GPUs
-# together (8 GPUs: 32 x 2 each, as the authors ran it); batch_size is also the evaluation batch of
-# the authors' estimator. With less memory per GPU, halve batch_size and double gradient_accumulation_steps.
+# the most sequences one GPU runs at once (the authors: 8 GPUs x 32, 2 micro-steps, 512 a step); lower it when a
+# GPU runs out of memory: the 512 stay. The authors' estimator is computed as their 8 GPUs x 32 rows did.
 batch_size = 32
-gradient_accumulation_steps = 16
+authors_eval_gpus = 8
+authors_eval_batch_size = 32
 
 learning_rate = 5e-4
 min_lr = 5e-5

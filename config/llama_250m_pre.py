@@ -13,11 +13,11 @@ n_head = 16
 n_embd = 768
 ffn_hidden = 2560
 
-# 512 sequences per step = batch_size x gradient_accumulation_steps, the accumulation steps counted over all GPUs
-# together (4 GPUs: 128 x 1 each, as the authors ran it); batch_size is also the evaluation batch of the authors'
-# estimator. With less memory per GPU, halve batch_size and double gradient_accumulation_steps.
+# the most sequences one GPU runs at once (the authors: 4 GPUs x 128, one micro-step, 512 a step); lower it when a
+# GPU runs out of memory: the 512 stay. The authors' estimator is computed as their 4 GPUs x 128 rows did.
 batch_size = 128
-gradient_accumulation_steps = 4
+authors_eval_gpus = 4
+authors_eval_batch_size = 128
 
 learning_rate = 1e-3
 min_lr = 1e-4

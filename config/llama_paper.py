@@ -1,7 +1,8 @@
 # The authors' recipe, shared by every config/llama_<size>_<scheme>.py, as their code trained (not as the paper's
 # text says; README, "Paper scale"): pure bf16, embeddings initialised at std 0.632, C4 in the t5-base
 # tokenizer with one document per 256-token row (pads carry no loss, one shuffled pass), Adam without weight decay
-# or clipping, 512 sequences per step, evaluation on 10M validation tokens.
+# or clipping, 512 sequences per step, evaluation on 10M validation tokens (reported correctly and as their GPUs
+# computed it).
 #   python data/c4/prepare.py --layout rows --shards 29 --val_shards 2      # 29 shards: 130M's one pass
 # Our recipe instead (bf16 autocast, std 0.02, GPT-2 packed data): add config/our_recipe.py after the size's file.
 
@@ -19,6 +20,10 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 0.0
+
+# the global batch is the recipe's; each size's batch_size is only the most one GPU runs at once, and train.py
+# derives the micro-batch and micro-steps from the number of processes (1 to 512 of them: a divisor of 512)
+global_batch_size = 512
 
 eval_interval = 1000
 eval_tokens = 10_000_000  # non-pad validation tokens, batch after batch of batch_size rows, as theirs
