@@ -109,7 +109,7 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
                  **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
-DIAGNOSTIC_TOKENS = 2048  # the per-block diagnostics' batch: 8 rows of the paper's 256 tokens, 32 of 64
+DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
 
 class UserError(Exception):
@@ -652,9 +652,7 @@ def evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, l
                       val_ppl_authors=math.exp(losses['val_authors']))
         line += (f" (perplexity {record['val_ppl']:.2f}; the authors' estimator as {cfg.authors_eval_gpus} GPU(s) x "
                  f"{cfg.authors_eval_batch_size} rows read it: {record['val_ppl_authors']:.2f})")
-    # the first sequences of the first validation batch, a fixed 2,048 tokens: on a whole training micro-batch the
-    # diagnostics' activations and gradient copy would need several times a checkpointed training step's memory
-    starts = eval_batches['val'][0][0][:max(1, DIAGNOSTIC_TOKENS // cfg.block_size)]
+    starts = diagnostic_sequences(eval_batches['val'][0][0], cfg.block_size)
     record.update(depth_diagnostics(model, *data.read('val', starts, cfg.block_size, device), autocast))
     print(line)
     append_log(log_path, record)
@@ -697,6 +695,13 @@ def authors_estimate(loss_sums, tokens, gpus):
     means = loss_sums / tokens.clamp(min=1)
     gpus = torch.tensor(gpus)
     return torch.stack([means[gpus == gpu].sum() / ((gpus == gpu).sum() + 1) for gpu in gpus.unique()]).mean().item()
+
+
+def diagnostic_sequences(starts, block_size):
+    """The first sequences of an evaluation batch, DIAGNOSTIC_TOKENS' worth: the diagnostics run eagerly with
+    gradients and without activation checkpointing, so on a whole micro-batch (128 rows at 350M) they would need
+    several times the memory of a checkpointed training step."""
+    return starts[:max(1, DIAGNOSTIC_TOKENS // block_size)]
 
 
 def depth_diagnostics(model, x, y, autocast):

@@ -76,12 +76,12 @@ def training_losses(out_dir):
     return {r['iter']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
 
 
-def launch(argv, nproc=1, **kwargs):
-    """train.py in a fresh process, through torchrun when nproc > 1 (gloo on CPU)."""
+def launch(argv, nproc=1, script=os.path.join(ROOT, 'train.py'), **kwargs):
+    """train.py (or another script) in a fresh process, through torchrun when nproc > 1 (gloo on CPU)."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     prefix = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
-    return subprocess.Popen(prefix + [os.path.join(ROOT, 'train.py'), *argv], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(prefix + [str(script), *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 

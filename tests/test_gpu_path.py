@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import train
-from conftest import read_log
-from model import GPT, GPTConfig
+from conftest import ROOT, read_log
+from model import GPT, GPTConfig, read_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
@@ -223,3 +223,68 @@ def test_tf32_setting_decides_the_float32_matmul_precision_on_a_gpu_only():
         assert train.parse_config(['--tf32=False']).tf32 is False
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_the_depth_diagnostics_need_a_fraction_of_a_micro_batch_s_memory_at_the_1b_shape():
+    """The activations the diagnostics' backward keeps, counted on the meta device (shapes only, no memory) for the
+    1B config in bf16: on the trainer's slice of a 32-row micro-batch they are a few GiB, about an eighth of the whole
+    micro-batch's (about 34 GiB, more than a checkpointed training step needs)."""
+    cfg = train.parse_config([os.path.join(ROOT, 'config', 'llama_1b_lns.py')])
+    with torch.device('meta'):
+        model = GPT(train.model_config(cfg, None)).to(torch.bfloat16)
+    parameters = {id(p) for p in model.parameters()}
+
+    def saved_activation_bytes(rows):
+        saved = {}
+
+        def pack(tensor):  # the weights are saved too, but they exist anyway
+            if id(tensor) not in parameters and id(tensor._base) not in parameters:
+                saved[id(tensor)] = tensor.numel() * tensor.element_size()
+            return tensor
+        x = torch.zeros(rows, cfg.block_size, dtype=torch.long, device='meta')
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(x, x, return_residuals=True, return_logits=False)
+        return sum(saved.values())
+
+    micro_batch = torch.arange(32)
+    diagnosed = len(train.diagnostic_sequences(micro_batch, cfg.block_size))
+    assert diagnosed == 4
+    assert saved_activation_bytes(diagnosed) < 5 * 2 ** 30
+    assert saved_activation_bytes(diagnosed) < saved_activation_bytes(len(micro_batch)) / 7
+    assert len(train.diagnostic_sequences(torch.arange(32), 64)) == 16  # the CPU configs' 64-token sequences
+
+
+def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path):
+    """With gradient_as_bucket_view, DDP makes each .grad a view into its all-reduce buckets. A gradient freed
+    between steps (zero_grad's set_to_none) comes back in the next micro-steps without sync as a separate tensor
+    beside the buckets: a second gradient-sized copy. So at every micro-step after the first optimizer step, every
+    gradient must exist and share storage with the one bucket of this small model."""
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        cfg = train.parse_config(TINY + ['--gradient_accumulation_steps=3', '--vocab_size=65'])
+        dist = train.Distributed(rank=0, local_rank=0, world_size=1, ddp=True)
+        model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, 65), torch.device('cpu'))
+        train_model = train.wrap_for_training(model, cfg, dist, torch.device('cpu'))
+        storages = []
+        model.register_forward_pre_hook(lambda *_: storages.append(
+            {p.grad.untyped_storage().data_ptr() if p.grad is not None else None for p in model.parameters()}))
+        for _ in range(3):
+            batches = ((torch.randint(65, (cfg.batch_size, cfg.block_size)),) * 2 for _ in range(3))
+            train.train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm=False)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(storages) == 9
+    assert all(len(seen) == 1 and None not in seen for seen in storages[3:])
+    assert len(storages[3] | storages[-1]) == 1  # the same bucket throughout
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='reads the mappings of a Linux process')
+def test_resume_maps_the_checkpoint_so_that_the_processes_of_a_node_share_one_copy(tmp_path, char_data):
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2']
+    assert train.main(argv) == 0
+    cfg = train.parse_config(argv + ['--init_from=resume'])
+    checkpoint = train.load_resume_checkpoint(cfg, train.model_config(cfg, 65))
+    with open('/proc/self/maps') as f:
+        assert str(tmp_path / 'ckpt.pt') in f.read()  # in the page cache, not a private copy
+    for key, value in read_checkpoint(tmp_path / 'ckpt.pt')['model'].items():
+        assert torch.equal(checkpoint['model'][key], value)

@@ -4,14 +4,16 @@ and bad input that ends in one sentence with existing files untouched."""
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import train
-from conftest import finish, launch, read_log, training_losses
+from conftest import ROOT, finish, launch, read_log, training_losses
 from model import read_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
@@ -40,6 +42,25 @@ def test_global_batch_that_the_processes_cannot_share_is_refused(tmp_path, char_
     assert code != 0 and 'must be a multiple of the number of processes (2)' in err
     # each process reports its own error once: on a multi-node run the failing rank need not be rank 0
     assert err.count('error: ') == 2 and err.count('[rank 1] error: ') == 1 and not os.listdir(tmp_path)
+
+
+def test_a_node_whose_data_differs_from_rank_0_s_is_refused_by_every_rank(tmp_path, char_data):
+    """Each node reads its own copy of the data; rank 1 here is given a copy with one token changed, as a node
+    holding other shards would be. Both ranks refuse before training, naming rank 1."""
+    other = tmp_path / 'other'
+    shutil.copytree(char_data, other)
+    tokens = np.memmap(other / 'train.bin', dtype=np.uint16, mode='r+')
+    tokens[len(tokens) // 2] = (tokens[len(tokens) // 2] + 1) % 65
+    tokens.flush()
+    script = tmp_path / 'train_on_other_data.py'  # train.py, but rank 1 reads the other copy
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
+                      f"local = train.resolve_data_dir\n"
+                      f"train.resolve_data_dir = lambda cfg: {str(other)!r} if os.environ['RANK'] == '1' else local(cfg)\n"
+                      f"sys.exit(train.main(sys.argv[1:]))\n")
+    out = tmp_path / 'out'
+    code, _, err = finish(launch(TINY + [f'--data_dir={char_data}', f'--out_dir={out}', '--gradient_accumulation_steps=2'],
+                                 nproc=2, script=script))
+    assert code != 0 and err.count('rank(s) 1 found other data') == 2 and not out.exists()
 
 
 def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, char_data):

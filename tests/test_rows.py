@@ -18,18 +18,19 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', f'--block_size={ROW}', '--ba
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3', '--arch=llama']
 
 
-def write_rows(folder, n_train=24, n_val=40, seed=0):
-    """Documents of 1 to 20 tokens (ids 2..VOCAB-1), each cut to ROW tokens with EOS kept last, right-padded."""
+def write_rows(folder, n_train=24, n_val=40, seed=0, row_length=ROW, vocab=VOCAB, longest=20):
+    """Documents of 1 to `longest` tokens (ids 2..vocab-1), each cut to row_length tokens with EOS kept last,
+    right-padded."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (('train', n_train), ('val', n_val)):
-        rows = np.full((count, ROW), PAD, dtype=np.uint16)
+        rows = np.full((count, row_length), PAD, dtype=np.uint16)
         for row in rows:
-            document = list(rng.integers(2, VOCAB, rng.integers(1, 21)))[:ROW - 1] + [EOS]
+            document = list(rng.integers(2, vocab, rng.integers(1, longest + 1)))[:row_length - 1] + [EOS]
             row[:len(document)] = document
         rows.tofile(folder / f'{split}.bin')
-    (folder / 'meta.json').write_text(json.dumps({'layout': 'rows', 'row_length': ROW, 'pad_id': PAD,
-                                                  'eos_id': EOS, 'vocab_size': VOCAB, 'tokenizer': 'test'}))
+    (folder / 'meta.json').write_text(json.dumps({'layout': 'rows', 'row_length': row_length, 'pad_id': PAD,
+                                                  'eos_id': EOS, 'vocab_size': vocab, 'tokenizer': 'test'}))
     return folder
 
 
@@ -109,6 +110,38 @@ def test_evaluation_reports_the_token_weighted_loss_and_the_authors_estimator(tm
     assert record['val_loss_authors'] == pytest.approx(sum(batch_means).item() / (len(batches) + 1), rel=1e-5)
     assert record['val_ppl'] == pytest.approx(math.exp(record['val_loss']))
     assert record['val_loss_authors'] < record['val_loss']  # the estimator reads low
+
+
+def test_the_authors_estimator_is_computed_as_their_four_gpus_computed_it(tmp_path):
+    """Their evaluation on 4 GPUs: the validation rows dealt out in turn, each GPU reading batches of its own
+    until its non-pad tokens x 4 pass eval_tokens, its loss the sum of its batch means over (its batches + 1), and
+    the reported loss the plain mean over the 4 GPUs; our processes (here 1) only share the work."""
+    folder = write_rows(tmp_path / 'data', n_val=80)
+    out = tmp_path / 'run'
+    eval_tokens, gpus, batch_size = 150, 4, 3
+    assert train.main(TINY + [f'--data_dir={folder}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+                              f'--eval_tokens={eval_tokens}', f'--authors_eval_gpus={gpus}',
+                              f'--authors_eval_batch_size={batch_size}', '--seed=3']) == 0
+    record = [r for r in read_log(out) if 'val_loss' in r][-1]
+    model = GPT.from_checkpoint(read_checkpoint(out / 'ckpt.pt')).eval()
+    rows = rows_of(folder, 'val')
+    order = np.random.default_rng(3 + 1).permutation(len(rows))
+    gpu_losses, all_token_losses = [], []
+    for gpu in range(gpus):
+        share, seen, batch_means = order[gpu::gpus], 0, []
+        while seen * gpus <= eval_tokens:
+            batch = rows[share[batch_size * len(batch_means):batch_size * (len(batch_means) + 1)]]
+            seen += int((batch != PAD).sum())
+            with torch.no_grad():
+                logits, _ = model(torch.from_numpy(batch))
+            losses = [-F.log_softmax(logits[b, t], -1)[batch[b, t + 1]] for b in range(batch_size)
+                      for t in range(ROW - 1) if batch[b, t + 1] != PAD]
+            all_token_losses += losses
+            batch_means.append(torch.stack(losses).mean().item())
+        assert 1 <= len(batch_means) < 6
+        gpu_losses.append(sum(batch_means) / (len(batch_means) + 1))
+    assert record['val_loss_authors'] == pytest.approx(sum(gpu_losses) / gpus, rel=1e-5)
+    assert record['val_loss'] == pytest.approx(torch.stack(all_token_losses).mean().item(), rel=1e-5)
 
 
 def test_rows_layout_demands_one_row_per_sequence(tmp_path, capsys):
