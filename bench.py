@@ -5,6 +5,7 @@ Steady-state training speed of a config: ms per step, tokens/s, MFU and peak mem
     python bench.py --n_layer=12 --n_embd=128 --compile=True
     python bench.py --table [--json FILE]     # README's table: two configs, eager and compiled, every scheme
     python bench.py --paper [--json FILE]     # on a GPU: the paper configs at their per-GPU micro-batch
+    python bench.py --memory                  # estimated memory per GPU of each paper config at 1-16 GPUs
 
 Takes train.py's settings (batch_size, block_size, gradient_accumulation_steps, model knobs, device, dtype,
 compile) and times full optimizer steps on random tokens, so no dataset is needed (its vocabulary size is used
@@ -23,7 +24,7 @@ import time
 import torch
 
 import train
-from model import NORM_SCHEMES
+from model import GPT, NORM_SCHEMES
 
 # the configs of README's table: the default training run, and a wider model with longer sequences
 TABLE_CONFIGS = {
@@ -207,6 +208,50 @@ def paper_table(json_path=None, configs=PAPER_CONFIGS, extra=(), steps=10, warmu
     return '\n'.join(lines)
 
 
+def saved_activation_bytes(cfg, rows, return_residuals=False):
+    """Bytes of the activations that the backward pass keeps for a micro-batch of `rows` sequences of cfg's model
+    in bf16, run eagerly (as the training step, or with return_residuals as the depth diagnostics): counted on the
+    meta device, where tensors have shapes but no memory."""
+    with torch.device('meta'):
+        model = GPT(train.model_config(cfg, None)).to(torch.bfloat16)
+    parameters = {id(p) for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):  # the weights are saved for the backward too, but they exist anyway
+        if id(tensor) not in parameters and id(tensor._base) not in parameters:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+    x = torch.zeros(rows, cfg.block_size, dtype=torch.long, device='meta')
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, x, return_residuals=return_residuals, return_logits=False)
+    return sum(saved.values())
+
+
+MEMORY_SIZES = ['71m', '130m', '250m', '350m', '1b']
+
+
+def memory_table(processes=(1, 2, 4, 8, 16)):
+    """An estimate of each paper config's memory per GPU at each process count, without running anything: its
+    micro-batch (resolve_batch) and, in pure bf16, 8 bytes per parameter (weights, gradients, Adam's two moments)
+    plus the activations an eager micro-step keeps for the backward. Compiled runs fuse and keep less; the
+    transient buffers of the backward and the allocator's slack come on top."""
+    lines = ['| config | parameters | ' + ' | '.join(f'{n} GPU{"s" * (n > 1)}' for n in processes) + ' |',
+             '| --- | --- |' + ' --- |' * len(processes)]
+    for size in MEMORY_SIZES:
+        cfg = train.parse_config([os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config',
+                                               f'llama_{size}_lns.py')])
+        with torch.device('meta'):
+            parameters = GPT(train.model_config(cfg, None)).num_params()
+        cells = []
+        for n in processes:
+            share = train.resolve_batch(cfg, n)
+            gib = (8 * parameters + saved_activation_bytes(share, share.batch_size)) / 2 ** 30
+            cells.append(f"{share.batch_size} x {share.gradient_accumulation_steps // n}: {gib:.1f} GiB")
+        lines.append(f"| {size.upper()} | {parameters / 1e6:,.0f}M | " + ' | '.join(cells) + ' |')
+    lines += ['', 'micro-batch x micro-steps per GPU: estimated GiB per GPU (pure bf16, eager, not measured)']
+    return '\n'.join(lines)
+
+
 def write_json(path, data):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w') as f:
@@ -219,6 +264,9 @@ def main(argv):
             if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
                 raise train.UserError("--paper takes only --json FILE")
             print(paper_table(argv[2] if len(argv) == 3 else None))
+            return 0
+        if argv == ['--memory']:
+            print(memory_table())
             return 0
         if argv and argv[0] == '--table':
             if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):

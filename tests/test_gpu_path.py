@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+import bench
 import train
 from conftest import ROOT, read_log
 from model import GPT, GPTConfig, read_checkpoint
@@ -226,31 +227,16 @@ def test_tf32_setting_decides_the_float32_matmul_precision_on_a_gpu_only():
 
 
 def test_the_depth_diagnostics_need_a_fraction_of_a_micro_batch_s_memory_at_the_1b_shape():
-    """The activations the diagnostics' backward keeps, counted on the meta device (shapes only, no memory) for the
-    1B config in bf16: on the trainer's slice of a 32-row micro-batch they are a few GiB, about an eighth of the whole
-    micro-batch's (about 34 GiB, more than a checkpointed training step needs)."""
+    """The activations the diagnostics' backward keeps, counted on the meta device for the 1B config in bf16: on
+    the trainer's slice of a 32-row micro-batch they are a few GiB, about an eighth of the whole micro-batch's
+    (about 34 GiB, more than a checkpointed training step needs)."""
     cfg = train.parse_config([os.path.join(ROOT, 'config', 'llama_1b_lns.py')])
-    with torch.device('meta'):
-        model = GPT(train.model_config(cfg, None)).to(torch.bfloat16)
-    parameters = {id(p) for p in model.parameters()}
-
-    def saved_activation_bytes(rows):
-        saved = {}
-
-        def pack(tensor):  # the weights are saved too, but they exist anyway
-            if id(tensor) not in parameters and id(tensor._base) not in parameters:
-                saved[id(tensor)] = tensor.numel() * tensor.element_size()
-            return tensor
-        x = torch.zeros(rows, cfg.block_size, dtype=torch.long, device='meta')
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(x, x, return_residuals=True, return_logits=False)
-        return sum(saved.values())
-
     micro_batch = torch.arange(32)
     diagnosed = len(train.diagnostic_sequences(micro_batch, cfg.block_size))
     assert diagnosed == 4
-    assert saved_activation_bytes(diagnosed) < 5 * 2 ** 30
-    assert saved_activation_bytes(diagnosed) < saved_activation_bytes(len(micro_batch)) / 7
+    slice_bytes = bench.saved_activation_bytes(cfg, diagnosed, return_residuals=True)
+    assert slice_bytes < 5 * 2 ** 30
+    assert slice_bytes < bench.saved_activation_bytes(cfg, len(micro_batch), return_residuals=True) / 7
     assert len(train.diagnostic_sequences(torch.arange(32), 64)) == 16  # the CPU configs' 64-token sequences
 
 
