@@ -2,7 +2,7 @@
 # (247M parameters; C4 validation perplexity 21.92 in the paper's Table 1).
 # The shared recipe is config/llama_paper.py; the LNS twin is llama_250m_lns.py; other schemes are one flag away.
 #   python data/c4/prepare.py --layout rows --shards 58 --val_shards 2    # one pass of its 20.48M rows
-#   torchrun --standalone --nproc_per_node=4 train.py config/llama_250m_pre.py
+#   torchrun --standalone --nproc_per_node=8 train.py config/llama_250m_pre.py   # or any divisor of 512 GPUs
 
 from config.llama_paper import *  # noqa: F401,F403
 
