@@ -1,11 +1,15 @@
 """The GPU path on a real GPU: resume, compile with bf16 autocast and fused AdamW, DDP over NCCL under torchrun,
-background saves of GPU tensors, and the memory that dropping the logits saves. Skipped without CUDA; run by
-experiments/gpu_check.sh, which prints the results with the paper configs' benchmark."""
+background saves of GPU tensors, the memory that dropping the logits saves, and training steps that never wait for
+the GPU. Skipped without CUDA; run by experiments/gpu_check.sh, which prints the results with the paper configs'
+benchmark."""
 
+import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +69,60 @@ def test_ddp_under_torchrun_with_one_process_uses_nccl_and_resumes(tmp_path, cha
                             timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert 'resuming from' in second.stdout and read_checkpoint(tmp_path / 'ckpt.pt')['iter_num'] == 20
+
+
+def write_rows(folder, rows=128, row_length=32, vocab_size=256, seed=0):
+    """A small dataset in the authors' rows layout: random documents, EOS (1) last, right-padded with 0."""
+    rng = np.random.default_rng(seed)
+    for split in ('train', 'val'):
+        lengths = rng.integers(2, row_length + 1, rows)
+        tokens = rng.integers(2, vocab_size, (rows, row_length), dtype=np.uint16)
+        tokens[np.arange(row_length) >= lengths[:, None]] = 0
+        tokens[np.arange(rows), lengths - 1] = 1
+        tokens.tofile(folder / f'{split}.bin')
+    meta = {'layout': 'rows', 'row_length': row_length, 'pad_id': 0, 'eos_id': 1, 'vocab_size': vocab_size,
+            'tokenizer': 'test'}
+    (folder / 'meta.json').write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+@pytest.mark.parametrize('dtype', ['pure_bfloat16', 'bfloat16'])
+def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compiled):
+    """The loop's work per step (the learning rate, reading rows into pinned memory and copying them without
+    waiting, the micro-steps, the optimizer step, the loss's health record) only queues work on the GPU, so that the
+    host reads the next batch while the device computes. A hidden wait (an .item(), a copy from pageable memory, a
+    shape that depends on the data) raises under sync debug mode 'error'. Logging, evaluating and saving wait on
+    purpose and are no part of a step; the paper configs clip nothing (grad_clip 0)."""
+    meta = write_rows(tmp_path)
+    cfg = train.parse_config(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',
+                              f"--block_size={meta['row_length']}", '--gradient_accumulation_steps=2', '--grad_clip=0',
+                              '--device=cuda', f'--dtype={dtype}', f'--compile={compiled}', f'--data_dir={tmp_path}'])
+    device, dist = torch.device('cuda'), train.Distributed()
+    model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, meta['vocab_size']), device)
+    train_model = train.wrap_for_training(model, cfg, dist, device)
+    data, sampler = train.TokenData(str(tmp_path), meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    health = train.TrainingHealth(device)
+
+    def step(iter_num):
+        for group in optimizer.param_groups:
+            group['lr'] = train.get_lr(iter_num, cfg)
+        batches = train.train_batches(iter_num, sampler, data, device, cfg, dist)
+        loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
+                                   need_grad_norm=False)
+        health.record(loss, iter_num)
+
+    step(0)  # compilation, autotuning and the optimizer's state may wait for the GPU, once
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for iter_num in range(1, 4):
+            step(iter_num)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    torch.cuda.synchronize()
+    loss = health.check(3, dist, str(tmp_path / 'log.jsonl'))
+    print(f"no GPU synchronization in 3 training steps, {dtype}, compile={compiled}: loss {loss:.3f}")
+    assert math.isfinite(loss)
 
 
 def test_background_save_copies_gpu_tensors_before_training_changes_them(tmp_path):
