@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import train
 from conftest import ROOT, read_log
+from test_rows import write_rows
 from model import GPT, GPTConfig, read_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -71,21 +71,6 @@ def test_ddp_under_torchrun_with_one_process_uses_nccl_and_resumes(tmp_path, cha
     assert 'resuming from' in second.stdout and read_checkpoint(tmp_path / 'ckpt.pt')['iter_num'] == 20
 
 
-def write_rows(folder, rows=128, row_length=32, vocab_size=256, seed=0):
-    """A small dataset in the authors' rows layout: random documents, EOS (1) last, right-padded with 0."""
-    rng = np.random.default_rng(seed)
-    for split in ('train', 'val'):
-        lengths = rng.integers(2, row_length + 1, rows)
-        tokens = rng.integers(2, vocab_size, (rows, row_length), dtype=np.uint16)
-        tokens[np.arange(row_length) >= lengths[:, None]] = 0
-        tokens[np.arange(rows), lengths - 1] = 1
-        tokens.tofile(folder / f'{split}.bin')
-    meta = {'layout': 'rows', 'row_length': row_length, 'pad_id': 0, 'eos_id': 1, 'vocab_size': vocab_size,
-            'tokenizer': 'test'}
-    (folder / 'meta.json').write_text(json.dumps(meta))
-    return meta
-
-
 @pytest.mark.parametrize('compiled', [False, True])
 @pytest.mark.parametrize('dtype', ['pure_bfloat16', 'bfloat16'])
 def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compiled):
@@ -94,7 +79,8 @@ def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compil
     host reads the next batch while the device computes. A hidden wait (an .item(), a copy from pageable memory, a
     shape that depends on the data) raises under sync debug mode 'error'. Logging, evaluating and saving wait on
     purpose and are no part of a step; the paper configs clip nothing (grad_clip 0)."""
-    meta = write_rows(tmp_path)
+    write_rows(tmp_path, n_train=128, n_val=128, row_length=32, vocab=256, longest=32)
+    meta = json.loads((tmp_path / 'meta.json').read_text())
     cfg = train.parse_config(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',
                               f"--block_size={meta['row_length']}", '--gradient_accumulation_steps=2', '--grad_clip=0',
                               '--device=cuda', f'--dtype={dtype}', f'--compile={compiled}', f'--data_dir={tmp_path}'])
