@@ -44,7 +44,7 @@ class TrainConfig:
                                            # non-pad tokens (the authors' rule; 0: eval_iters batches)
     authors_eval_gpus: int = 1             # the authors' estimator as their run computed it, whatever our process
     authors_eval_batch_size: Optional[int] = None  # count: their GPUs and per-GPU evaluation batch (None:
-                                           # batch_size); see evaluation_set
+                                           # batch_size); see TokenData.eval_batches
     log_interval: int = 25                 # print and log the training loss every this many iterations
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
