@@ -67,6 +67,15 @@ def test_rows_are_visited_once_per_pass_in_a_new_order_each_pass(tmp_path):
     assert again.train_sequences(4, 8, ROW, None).tolist() == batches[4]  # from the iteration alone
 
 
+def test_the_row_order_is_int32_and_numpy_s_permutation_so_older_runs_resume_on_the_same_rows(tmp_path):
+    """int32 halves the order's memory (51M rows at 1B: 196 MiB instead of 391 per process); the order itself is
+    numpy's permutation of the row count, as before."""
+    folder = write_rows(tmp_path, n_train=24)
+    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    order = data.row_order(1, 24)
+    assert order.dtype == np.int32 and order.tolist() == np.random.default_rng([7, 1]).permutation(24).tolist()
+
+
 def test_training_on_rows_resumes_exactly(tmp_path):
     folder = write_rows(tmp_path / 'data')
     common = TINY + [f'--data_dir={folder}', '--eval_interval=5', '--log_interval=1', '--dropout=0.1',
