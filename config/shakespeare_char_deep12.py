@@ -21,6 +21,8 @@ max_iters = 1200
 warmup_iters = 120
 weight_decay = 0.0
 grad_clip = 0.0
+beta1 = 0.9
+beta2 = 0.95  # the trainer's default, and every CPU study's; the paper's Adam has 0.999
 
 eval_interval = 200
 eval_iters = 20

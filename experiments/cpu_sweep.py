@@ -8,7 +8,8 @@ then eval_layers on the Pre-LN and LNS models.
 
 Writes experiments/results/cpu_sweep.json (every run's final validation loss and curve, and mean +- std per
 scheme and depth), experiments/results/layers_<depth>.json (eval_layers on seed 0, pre against lns) and the
-figures in experiments/figures/. Training runs go to experiments/runs/ (not kept in git).
+figures in experiments/figures/. Training runs go to experiments/runs/cpu_sweep/; each run's log.jsonl and
+train.out are committed, so the table can be recomputed from a clone (--no_train) and a rerun skips them.
 """
 
 import argparse
@@ -30,7 +31,7 @@ def parse_args(argv):
     parser.add_argument('--steps', type=int, default=500, help='optimizer steps per run (32 x 64 tokens each)')
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time, each with cores/jobs threads')
     parser.add_argument('--no_train', action='store_true', help='only summarize and analyze the finished runs')
-    parser.add_argument('--runs', default=os.path.join(HERE, 'runs'))
+    parser.add_argument('--runs', default=os.path.join(HERE, 'runs', 'cpu_sweep'))
     parser.add_argument('--results', default=os.path.join(HERE, 'results'))
     parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
     parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data', 'shakespeare_char'))
