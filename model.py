@@ -58,7 +58,7 @@ class GPTConfig:
     layerscale_init: Optional[float] = None  # None: CaiT's rule, 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond
     skipinit: bool = False               # a learnable scalar on each residual branch, initialised 1/sqrt(L)
     # the authors' code differs from the paper's text here (see README, "Paper scale")
-    embedding_init_std: float = 0.02     # std of the token (and position) embeddings' init; the authors': 0.632
+    embedding_init_std: float = 0.02     # std of the token (and position) embeddings' init (public LNS code: 0.632)
     train_norm_gains: bool = True        # False: norm weights stay at 1 (pure bf16 training leaves them there)
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-# Llama 130M with LayerNorm Scaling, trained as the authors trained it
+# Llama 130M with LayerNorm Scaling, the paper's recipe as the authors' code ran it
 # (134M parameters; C4 validation perplexity 25.76 in the paper's Table 1).
 # Everything but the scheme comes from llama_130m_pre.py.
 #   python train.py config/llama_130m_lns.py

@@ -1,4 +1,4 @@
-# Llama 1B with Pre-LN, trained as the authors trained it
+# Llama 1B with Pre-LN, the paper's recipe as the authors' code ran it
 # (1.34B parameters; C4 validation perplexity 17.02 in the paper's Table 1).
 # The shared recipe is config/llama_paper.py; the LNS twin is llama_1b_lns.py; other schemes are one flag away.
 #   python data/c4/prepare.py --layout rows --shards 144 --val_shards 2    # one pass of its 51.20M rows

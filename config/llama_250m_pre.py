@@ -1,4 +1,4 @@
-# Llama 250M with Pre-LN, trained as the authors trained it
+# Llama 250M with Pre-LN, the paper's recipe as the authors' code ran it
 # (247M parameters; C4 validation perplexity 21.92 in the paper's Table 1).
 # The shared recipe is config/llama_paper.py; the LNS twin is llama_250m_lns.py; other schemes are one flag away.
 #   python data/c4/prepare.py --layout rows --shards 58 --val_shards 2    # one pass of its 20.48M rows

@@ -1,4 +1,4 @@
-# Llama 350M with Pre-LN, trained as the authors trained it
+# Llama 350M with Pre-LN, the paper's recipe as the authors' code ran it
 # (368M parameters; C4 validation perplexity 19.58 in the paper's Table 1).
 # The shared recipe is config/llama_paper.py; the LNS twin is llama_350m_lns.py; other schemes are one flag away.
 #   python data/c4/prepare.py --layout rows --shards 87 --val_shards 2    # one pass of its 30.72M rows

@@ -1,4 +1,5 @@
-# Llama 71M with LayerNorm Scaling, trained as the authors trained it (71M parameters; not in the paper's Table 1).
+# Llama 71M with LayerNorm Scaling, the paper's recipe as the authors' code ran it
+# (71M parameters; not in the paper's Table 1).
 # Everything but the scheme comes from llama_71m_pre.py.
 #   python train.py config/llama_71m_lns.py
 

@@ -1,4 +1,4 @@
-# Llama 71M with Pre-LN, trained as the authors trained it (71M parameters; not in the paper's Table 1).
+# Llama 71M with Pre-LN, the paper's recipe as the authors' code ran it (71M parameters; not in the paper's Table 1).
 # The shared recipe is config/llama_paper.py; the LNS twin is llama_71m_lns.py; other schemes are one flag away.
 #   python data/c4/prepare.py --layout rows --shards 15 --val_shards 2    # one pass of its 5.12M rows
 #   python train.py config/llama_71m_pre.py

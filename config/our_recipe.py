@@ -1,10 +1,9 @@
 # This project's recipe for the paper configs, one file to add after a size's config:
 #   python data/c4/prepare.py --layout packed --shards 8 --out_dir data/c4_gpt2
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py config/our_recipe.py
-# bf16 autocast over float32 weights (norm gains train), embeddings at std 0.02, GPT-2 BPE documents packed end
-# to end (vocabulary 50,304), evaluation on eval_iters random windows.
+# bf16 autocast over float32 weights (norm gains train), GPT-2 BPE documents packed end to end (vocabulary
+# 50,304), evaluation on eval_iters random windows.
 
 dtype = 'bfloat16'
-embedding_init_std = 0.02
 data_dir = 'data/c4_gpt2'
 vocab_size = None  # the data's

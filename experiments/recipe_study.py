@@ -4,8 +4,9 @@ config/shakespeare_char_deep12.py: 32 x 64 tokens per step, Adam without weight 
 of the steps, cosine to a tenth of the peak), compared by final validation loss:
   - against the learning rate (1e-3, 3e-3, 1e-2, 3e-2) at 6, 12, 24 and 48 blocks of width 64;
   - against the width (64, 128, 256; heads of size 16) at 12 blocks and learning rates 1e-3 and 3e-3;
-  - under the authors' recipe factors at 12 blocks, at Pre-LN's best learning rate and at 1e-2: frozen norm gains,
-    embedding std 0.632, pure bf16, pure bf16 with std 0.632, and four times the steps.
+  - under the factors of the authors' public code at 12 blocks, at Pre-LN's best learning rate and at 1e-2: frozen
+    norm gains, embedding std 0.632 (the public code's; the authors say their reported runs used 0.02), pure bf16,
+    pure bf16 with std 0.632, and four times the steps.
 
     python data/shakespeare_char/prepare.py
     nohup python experiments/recipe_study.py --jobs 1 --threads 1 > experiments/runs/recipe_study.out 2>&1 &

@@ -45,7 +45,8 @@ def test_paper_config_has_the_paper_size_and_the_authors_recipe(size, scheme):
     assert (cfg.authors_eval_gpus, cfg.authors_eval_batch_size) == AUTHORS_EVALUATION[size]
     assert cfg.weight_decay == 0.0 and cfg.grad_clip == 0.0 and cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
     assert (cfg.beta1, cfg.beta2) == (0.9, 0.999) and cfg.warmup_iters == AUTHORS_WARMUP.get(size, cfg.warmup_iters)
-    assert cfg.dtype == 'pure_bfloat16' and model['embedding_init_std'] == 0.632 and model['arch'] == 'llama'
+    # embeddings at 0.02: the authors state their reported runs used it, not their public code's 0.632
+    assert cfg.dtype == 'pure_bfloat16' and model['embedding_init_std'] == 0.02 and model['arch'] == 'llama'
     assert model['vocab_size'] == 32000 and cfg.eval_tokens == 10_000_000
     with torch.device('meta'):
         model = GPT(model_config(cfg, vocab_size=None))
@@ -58,9 +59,9 @@ def test_our_recipe_is_one_file_away_from_each_paper_config(size):
     authors = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py')])
     ours = parse_config([os.path.join(ROOT, 'config', f'llama_{size}_lns.py'),
                          os.path.join(ROOT, 'config', 'our_recipe.py')])
-    assert (ours.dtype, ours.model['embedding_init_std'], ours.model['vocab_size']) == ('bfloat16', 0.02, None)
+    assert (ours.dtype, ours.model['vocab_size']) == ('bfloat16', None)
     changed = {k for k, v in ours.settings().items() if authors.settings()[k] != v}
-    assert changed == {'dtype', 'embedding_init_std', 'vocab_size', 'data_dir'}
+    assert changed == {'dtype', 'vocab_size', 'data_dir'}
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
