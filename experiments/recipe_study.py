@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict, namedtuple
@@ -381,8 +382,9 @@ def report(args, threads):
         'gap': 'final validation loss of lns minus that of pre, paired by seed: positive when Pre-LN is ahead',
         'runs_finished': len(runs), 'runs_planned_so_far': expected,
         'learning_rate': {str(depth): learning_rate_summary(rows, depth) for depth in sorted(args.depths)},
-        'cells': rows, 'layers': layers, 'runs': runs})
+        'findings': findings(args, rows, runs), 'cells': rows, 'layers': layers, 'runs': runs})
     print(markdown_table(rows), flush=True)
+    print('\n'.join(['', 'findings (the numbers README quotes):', *findings(args, rows, runs)]), flush=True)
     plot_learning_rates(args, rows)
     if args.widths:
         plot_widths(args, rows)
@@ -390,6 +392,111 @@ def report(args, threads):
         plot_factors(args, rows)
     plot_layers(args, layers)
     return failures
+
+
+# ----------------------------------------------------------------------------- findings: README's numbers
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, two-sided 95%, by degrees of freedom
+
+
+def findings(args, rows, runs):
+    """The numbers README quotes about the study, as lines of text, each computed here from the finished runs."""
+    lines = []
+    base = [r for r in rows if r['width'] == BASE_WIDTH and r['factor'] == 'base']
+    for depth in sorted({r['depth'] for r in base}):
+        summary = learning_rate_summary(rows, depth)
+        if any(summary[s]['best_learning_rate'] is None for s in SCHEMES):
+            continue
+        rates = sorted(r['learning_rate'] for r in base if r['depth'] == depth)
+        best = {s: summary[s] for s in SCHEMES}
+        text = '; '.join(f"{s} best {best[s]['best_learning_rate']:g} at {best[s]['best_loss']:.4f} "
+                         f"({best[s]['seeds']} seed(s)), within {TOLERANCE} nats: "
+                         f"{', '.join(f'{lr:g}' for lr in best[s]['learning_rates_within_tolerance'])}"
+                         for s in SCHEMES)
+        by_seed = [next(r for r in base if r['depth'] == depth and r['learning_rate'] == best[s]['best_learning_rate'])
+                   [s]['by_seed'] for s in SCHEMES]
+        paired = [by_seed[1][k] - by_seed[0][k] for k in by_seed[0] if k in by_seed[1]
+                  and None not in (by_seed[0][k], by_seed[1][k])]
+        lines.append(f"{depth} blocks, rates {', '.join(f'{lr:g}' for lr in rates)}: {text}; best against best "
+                     f"(lns - pre) {best['lns']['best_loss'] - best['pre']['best_loss']:+.4f}"
+                     + (f", by seed {', '.join(f'{g:+.4f}' for g in paired)}" if len(paired) > 1 else '')
+                     + f"; the gap changes sign between {summary['gap_changes_sign_between'] or 'no neighbours'}")
+    ratios = []
+    for r in base:
+        last = {run['norm_scheme']: run['final_block_variance'][-1] for run in runs
+                if run['final_block_variance'] and run['seed'] == args.seeds[0] and run['factor'] == 'base'
+                and (run['depth'], run['width'], run['learning_rate']) == (r['depth'], r['width'], r['learning_rate'])}
+        if len(last) == 2:
+            ratios.append((last['pre'] / last['lns'], r['depth'], r['learning_rate'], last['pre'], last['lns']))
+            lines.append(f"last-block variance, {r['depth']} blocks at {r['learning_rate']:g} (seed "
+                         f"{args.seeds[0]}): pre {last['pre']:,.3g}, lns {last['lns']:,.3g}, pre/lns "
+                         f"{ratios[-1][0]:,.1f}x")
+    if ratios:
+        low, high = min(ratios), max(ratios)
+        lines.append(f"pre/lns last-block variance ranges from {low[0]:.1f}x ({low[1]} blocks, {low[2]:g}) to "
+                     f"{high[0]:,.0f}x ({high[1]} blocks, {high[2]:g})")
+        for depth in sorted({depth for _, depth, *_ in ratios}):
+            # LNS at its highest rate against Pre-LN at the highest rate where Pre-LN still trains near its best
+            window = learning_rate_summary(rows, depth)['pre'].get('learning_rates_within_tolerance') or []
+            variance = {(lr, scheme): v for _, d, lr, pre, lns in ratios if d == depth
+                        for scheme, v in (('pre', pre), ('lns', lns))}
+            top = max(lr for lr, _ in variance)
+            if window and (max(window), 'pre') in variance and top > max(window):
+                ratio = variance[(top, 'lns')] / variance[(max(window), 'pre')]
+                lines.append(f"{depth} blocks: lns at {top:g} ends with {ratio:,.1f}x the last-block variance of pre "
+                             f"at {max(window):g}, Pre-LN's highest rate within {TOLERANCE} nats of its best")
+    for r in rows:
+        if r['factor'] != 'base' and r['gap']['n'] > 1:
+            half = T_975[r['gap']['n'] - 1] * r['gap']['std'] / math.sqrt(r['gap']['n'])
+            lines.append(f"{r['factor']} ({r['depth']} blocks, {r['learning_rate']:g}): gap {r['gap']['mean']:+.4f}, "
+                         f"95% interval +-{half:.3f} ({r['gap']['n']} seeds)")
+    base_factor = next((r for r in base if r['depth'] == BASE_DEPTH and r['gap']['n'] > 1
+                        and r['learning_rate'] == FACTOR_FIXED_LEARNING_RATE), None)
+    if base_factor:
+        half = T_975[base_factor['gap']['n'] - 1] * base_factor['gap']['std'] / math.sqrt(base_factor['gap']['n'])
+        lines.append(f"our recipe ({BASE_DEPTH} blocks, {FACTOR_FIXED_LEARNING_RATE:g}): gap "
+                     f"{base_factor['gap']['mean']:+.4f}, 95% interval +-{half:.3f} ({base_factor['gap']['n']} seeds)")
+    lines += longer_run_findings(runs)
+    lines += repeat_findings(args)
+    return lines
+
+
+def repeat_findings(args):
+    """Same-seed repeats (runs/recipe_study_gpu_repeat/<study folder>__<run>, the H200 repeating finished runs of
+    runs/<study folder>/<run>): how far a rerun of the same seed moves the final validation loss."""
+    runs = os.path.dirname(args.runs)
+    repeats = os.path.join(runs, 'recipe_study_gpu_repeat')
+    differences = []
+    for name in sorted(os.listdir(repeats)) if os.path.isdir(repeats) else []:
+        original = os.path.join(runs, *name.split('__', 1))
+        if read_log(original) and read_log(os.path.join(repeats, name)):
+            again, first = final_val_loss(os.path.join(repeats, name)), final_val_loss(original)
+            if math.isfinite(again) and math.isfinite(first):
+                differences.append(abs(again - first))
+    if not differences:
+        return []
+    return [f"same-seed repeats: {len(differences)} runs, the final validation loss moved by "
+            f"{statistics.mean(differences):.4f} on average and {max(differences):.4f} at most"]
+
+
+def longer_run_findings(runs):
+    """The 4x-steps runs: where each one's validation loss was lowest, and the gap there and at the end."""
+    longer = [run for run in runs if run['factor'] == LONGER and run['val_curve']]
+    if not longer:
+        return []
+    lines = []
+    for run in sorted(longer, key=lambda run: (run['norm_scheme'], run['seed'])):
+        lowest_at, lowest = min(run['val_curve'], key=lambda point: point[1])
+        lines.append(f"{LONGER} {run['norm_scheme']} seed {run['seed']}: lowest validation loss {lowest:.4f} at "
+                     f"iteration {lowest_at}, final {run['val_curve'][-1][1]:.4f}")
+    curves = {(run['norm_scheme'], run['seed']): dict(run['val_curve']) for run in longer}
+    seeds = sorted({seed for scheme, seed in curves if ('pre', seed) in curves and ('lns', seed) in curves})
+    for iteration in sorted(curves[('pre', seeds[0])]) if seeds else []:
+        gaps = [curves[('lns', s)][iteration] - curves[('pre', s)][iteration] for s in seeds]
+        stats = spread(gaps)
+        lines.append(f"{LONGER} gap at iteration {iteration}: {stats['mean']:+.4f}"
+                     + (f" +- {stats['std']:.4f}" if stats['std'] is not None else '') + f" ({len(seeds)} seeds)")
+    return lines
 
 
 def format_loss(stats):
