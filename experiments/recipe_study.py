@@ -466,17 +466,25 @@ def repeat_findings(args):
     runs/<study folder>/<run>): how far a rerun of the same seed moves the final validation loss."""
     runs = os.path.dirname(args.runs)
     repeats = os.path.join(runs, 'recipe_study_gpu_repeat')
-    differences = []
+    differences, pairs = [], defaultdict(dict)
     for name in sorted(os.listdir(repeats)) if os.path.isdir(repeats) else []:
         original = os.path.join(runs, *name.split('__', 1))
         if read_log(original) and read_log(os.path.join(repeats, name)):
             again, first = final_val_loss(os.path.join(repeats, name)), final_val_loss(original)
             if math.isfinite(again) and math.isfinite(first):
                 differences.append(abs(again - first))
+                cell, scheme, seed = name.rsplit('_', 2)
+                pairs[(cell, seed)][scheme] = (first, again)
     if not differences:
         return []
-    return [f"same-seed repeats: {len(differences)} runs, the final validation loss moved by "
-            f"{statistics.mean(differences):.4f} on average and {max(differences):.4f} at most"]
+    lines = [f"same-seed repeats: {len(differences)} runs, the final validation loss moved by "
+             f"{statistics.mean(differences):.4f} on average and {max(differences):.4f} at most"]
+    for (cell, seed), by_scheme in sorted(pairs.items()):
+        if set(by_scheme) == set(SCHEMES):
+            (pre, pre_again), (lns, lns_again) = by_scheme['pre'], by_scheme['lns']
+            lines.append(f"repeat of {cell.replace('__', '/')} {seed}: gap {lns - pre:+.4f}, repeated "
+                         f"{lns_again - pre_again:+.4f}")
+    return lines
 
 
 def longer_run_findings(runs):
