@@ -314,3 +314,44 @@ def test_a_run_names_the_device_it_trained_on_from_the_trainers_start_up_line(tm
     (tmp_path / 'train.out').write_text(f'config: ...\n{ddp_line}\n')
     assert training_runs.run_device(str(tmp_path)) == 'NVIDIA H200'
     assert training_runs.run_device(str(tmp_path / 'nowhere')) is None
+
+
+README_RECIPES = {'ours': 'base', 'norm gains frozen at 1': 'frozen_gains',
+                  'embedding std 0.632': 'embedding_std_0.632', 'pure bf16': 'pure_bf16',
+                  'pure bf16 + std 0.632': 'pure_bf16_embedding_std_0.632', '6,000 steps (4x)': 'steps_x4'}
+
+
+def test_readme_quotes_the_recipe_study_as_its_no_train_pass_wrote_it():
+    """Every row of README's study table (but the GPU control, which is another folder's), and the numbers of the
+    sentences around it that are cheap to find, against the committed recipe_study.json."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'recipe_study.json')) as f:
+        study = json.load(f)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    table = readme[readme.index('| blocks | lr | recipe |'):].split('\n\n')[0].splitlines()[2:]
+    cells = {(c['depth'], c['width'], c['learning_rate'], c['factor']): c for c in study['cells']}
+
+    def loss(stats):
+        return f"{stats['mean']:.4f}" + (f" ± {stats['std']:.4f}" if stats['std'] is not None else '')
+
+    def gap(stats):
+        return f"{stats['mean']:+.3f}" + (f" ± {stats['std']:.3f}" if stats['std'] is not None else '')
+    checked = 0
+    for line in table:
+        blocks, lr, recipe, pre, lns, gap_text, seeds, _ = [c.strip() for c in line.strip('|').split('|')]
+        if recipe not in README_RECIPES:
+            continue
+        depth, _, width = blocks.partition(', width ')
+        cell = cells[(int(depth), int(width or 64), float(lr), README_RECIPES[recipe])]
+        assert (pre, lns, gap_text, int(seeds)) == (loss(cell['pre']), loss(cell['lns']), gap(cell['gap']),
+                                                    cell['gap']['n']), line
+        checked += 1
+    assert checked == len(study['cells'])
+    findings = '\n'.join(study['findings'])
+    assert 'ranges from 3.1x (6 blocks, 0.001) to 182x (24 blocks, 0.03)' in findings
+    assert '3.1x to 182x less variance' in readme and '3.1x (6 blocks, 1e-3) to 182x (24 blocks, 3e-2)' in readme
+    assert 'best against best (lns - pre) -0.0092' in findings and 'best against best (lns - pre) -0.0040' in findings
+    assert 'best against best (lns - pre) +0.0322' in findings and 'LNS lower by 0.009 and 0.004' in readme
+    assert 'gap at iteration 4800: -0.0112 +- 0.0140 (3 seeds)' in findings
+    assert '-0.011 ± 0.014 at step 4,800' in readme
+    assert 'moved by 0.0064 on average and 0.0198 at most' in findings
