@@ -389,7 +389,7 @@ def report(args, threads):
     if args.widths:
         plot_widths(args, rows)
     if args.factors:
-        plot_factors(args, rows)
+        plot_factors(args, rows, control_row(args))
     plot_layers(args, layers)
     return failures
 
@@ -507,6 +507,17 @@ def longer_run_findings(runs):
     return lines
 
 
+def control_row(args):
+    """Our recipe's cell of the factor study trained on the H200 (runs/recipe_study_gpu/), or None."""
+    control = argparse.Namespace(**{**vars(args), 'runs': os.path.join(os.path.dirname(args.runs), 'recipe_study_gpu')})
+    cell = Cell(BASE_DEPTH, BASE_WIDTH, FACTOR_FIXED_LEARNING_RATE, 'base')
+    losses = final_losses(control, cell, args.seeds)
+    if set(losses) != set(SCHEMES):
+        return None
+    devices = {str(run_device(run_dir(control, cell, scheme, seed))) for scheme in losses for seed in losses[scheme]}
+    return {**describe_cell(args, cell, losses), 'devices': sorted(devices)}
+
+
 def format_loss(stats):
     if stats['n'] == 0:
         return 'diverged' if stats['diverged'] else ''
@@ -525,28 +536,60 @@ def markdown_table(rows):
 
 # ----------------------------------------------------------------------------- figures
 
+def on_gpu(row):
+    return any(device != 'cpu' for device in row['devices'])
+
+
+def point_style(stats, row, color):
+    """Filled: the mean of 2-3 seeds (bar: their std); hollow: one seed; a square: trained on the H200."""
+    return dict(marker='s' if on_gpu(row) else 'o', markerfacecolor=color if stats['n'] > 1 else 'white',
+                color=color, capsize=3, linestyle='none')
+
+
+def style_legend(ax, plt, extra=()):
+    from matplotlib.lines import Line2D
+    handles, labels = ax.get_legend_handles_labels()
+    keys = [Line2D([], [], marker='o', color='gray', linestyle='none', label='mean ± std of 2-3 seeds'),
+            Line2D([], [], marker='o', markerfacecolor='white', color='gray', linestyle='none', label='one seed'),
+            Line2D([], [], marker='s', color='gray', linestyle='none', label='trained on the H200')]
+    ax.legend(handles=[*handles, *extra, *keys], fontsize=7)
+
+
+def mark_empty(ax, rows, x_of, grid):
+    for x in sorted(set(grid) - {x_of(r) for r in rows}):
+        ax.text(x, 0.5, 'not run', transform=ax.get_xaxis_transform(), rotation=90, ha='center', va='center',
+                fontsize=8, color='gray')
+
+
 def plot_scheme_lines(ax, rows, x_of, grid):
-    """Mean final loss with a seed-std bar per point for pre and lns over the values `grid` of a log-scaled axis;
-    diverged cells as crosses on the top edge."""
+    """Mean final loss of pre and lns over the values `grid` of a log-scaled axis, each point styled by its seeds
+    and device (point_style); diverged cells as crosses on the top edge, grid values with no run labelled."""
     ax.set(xscale='log', xlim=(min(grid) / 1.5, max(grid) * 1.5), ylabel='final validation loss (nats per character)')
     ax.set_xticks(grid, [f'{x:g}' for x in grid])
     ax.minorticks_off()
-    if not rows:
-        ax.text(0.5, 0.5, 'no finished runs yet', transform=ax.transAxes, ha='center', color='gray')
-        return
+    mark_empty(ax, rows, x_of, grid)
     for scheme, color in zip(SCHEMES, ('tab:blue', 'tab:orange')):
-        points = sorted((x_of(r), r[scheme]) for r in rows if r[scheme]['n'])
-        ax.errorbar([x for x, _ in points], [s['mean'] for _, s in points], yerr=[s['std'] or 0 for _, s in points],
-                    marker='o', capsize=3, color=color, label=scheme)
-        for x, stats in points:
-            if stats['n'] > 1:
-                ax.annotate(f"n={stats['n']}", (x, stats['mean']), textcoords='offset points', xytext=(4, 4),
-                            fontsize=7, color=color)
+        points = sorted(((x_of(r), r[scheme], r) for r in rows if r[scheme]['n']), key=lambda point: point[0])
+        ax.plot([x for x, _, _ in points], [s['mean'] for _, s, _ in points], color=color, label=scheme)
+        for x, stats, row in points:
+            ax.errorbar(x, stats['mean'], yerr=stats['std'] or 0, **point_style(stats, row, color))
         lost = [x_of(r) for r in rows if r[scheme]['diverged'] and not r[scheme]['n']]
         if lost:
             ax.plot(lost, [1] * len(lost), 'x', color=color, markersize=10, transform=ax.get_xaxis_transform(),
                     clip_on=False, label=f'{scheme} diverged')
-    ax.legend(fontsize=8)
+
+
+def plot_gap(ax, rows, x_of, grid):
+    """The gap (lns minus pre, paired by seed) with its seed std, over the same axis as plot_scheme_lines."""
+    ax.set(xscale='log', xlim=(min(grid) / 1.5, max(grid) * 1.5), ylabel='gap lns - pre (nats; < 0: LNS ahead)')
+    ax.set_xticks(grid, [f'{x:g}' for x in grid])
+    ax.minorticks_off()
+    ax.axhline(0, color='black', linewidth=0.8)
+    mark_empty(ax, rows, x_of, grid)
+    points = sorted(((x_of(r), r['gap'], r) for r in rows if r['gap']['n']), key=lambda point: point[0])
+    ax.plot([x for x, _, _ in points], [g['mean'] for _, g, _ in points], color='tab:green')
+    for x, gap, row in points:
+        ax.errorbar(x, gap['mean'], yerr=gap['std'] or 0, **point_style(gap, row, 'tab:green'))
 
 
 def save(fig, args, name):
@@ -560,46 +603,60 @@ def save(fig, args, name):
 def plot_learning_rates(args, rows):
     plt = pyplot()
     depths = sorted(args.depths)
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 4), squeeze=False)
-    for ax, depth in zip(axes[0], depths):
-        plot_scheme_lines(ax, [r for r in rows if r['depth'] == depth and r['width'] == BASE_WIDTH
-                               and r['factor'] == 'base'], lambda r: r['learning_rate'], args.learning_rates)
-        ax.set(title=f'{depth} blocks x width {BASE_WIDTH}', xlabel='peak learning rate')
+    fig, axes = plt.subplots(2, len(depths), figsize=(4.2 * len(depths), 7), squeeze=False, sharey='row',
+                             height_ratios=(3, 2))
+    for (loss_ax, gap_ax), depth in zip(axes.T, depths):
+        cells = [r for r in rows if r['depth'] == depth and r['width'] == BASE_WIDTH and r['factor'] == 'base']
+        plot_scheme_lines(loss_ax, cells, lambda r: r['learning_rate'], args.learning_rates)
+        plot_gap(gap_ax, cells, lambda r: r['learning_rate'], args.learning_rates)
+        loss_ax.set(title=f'{depth} blocks x width {BASE_WIDTH}')
+        gap_ax.set(xlabel='peak learning rate')
+    style_legend(axes[0][0], plt)
+    for ax in axes[:, 1:].flat:
+        ax.set_ylabel('')
     print(f"wrote {save(fig, args, 'recipe_learning_rate_by_depth.png')}")
     plt.close(fig)
 
 
 def plot_widths(args, rows):
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(WIDTH_LEARNING_RATES), figsize=(5 * len(WIDTH_LEARNING_RATES), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(WIDTH_LEARNING_RATES), figsize=(5 * len(WIDTH_LEARNING_RATES), 4), squeeze=False,
+                             sharey='row')
     for ax, lr in zip(axes[0], WIDTH_LEARNING_RATES):
         plot_scheme_lines(ax, [r for r in rows if r['depth'] == BASE_DEPTH and r['learning_rate'] == lr
                                and r['factor'] == 'base' and r['width'] in args.widths], lambda r: r['width'],
                           sorted(args.widths))
         ax.set(title=f'{BASE_DEPTH} blocks, learning rate {lr:g}', xlabel=f'width (heads of {HEAD_SIZE})')
+    style_legend(axes[0][0], plt)
     print(f"wrote {save(fig, args, 'recipe_width.png')}")
     plt.close(fig)
 
 
-def plot_factors(args, rows):
+def plot_factors(args, rows, control=None):
+    """The gap per factor with its seed std; `control`, our recipe's cell trained on the H200, goes beside the
+    pure-bf16 cells it is the device control of."""
     plt = pyplot()
     factor_rows = [r for r in rows if r['depth'] == BASE_DEPTH and r['width'] == BASE_WIDTH]
     rates = sorted({r['learning_rate'] for r in factor_rows if r['factor'] != 'base'})
     if not rates:
         return
-    fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(rates), figsize=(9 * len(rates), 4.5), squeeze=False)
     for ax, lr in zip(axes[0], rates):
-        by_factor = {r['factor']: r['gap'] for r in factor_rows if r['learning_rate'] == lr}
-        names = [f for f in ['base', *args.factors] if f in by_factor and by_factor[f]['n']]
-        gaps = [by_factor[f] for f in names]
-        ax.barh(range(len(names)), [g['mean'] for g in gaps], xerr=[g['std'] or 0 for g in gaps], capsize=3,
-                color=['tab:gray' if f == 'base' else 'tab:green' for f in names])
-        ax.set_yticks(range(len(names)), [f"{'our recipe' if f == 'base' else f} (n={g['n']})"
-                                          for f, g in zip(names, gaps)])
+        by_factor = {r['factor']: r for r in factor_rows if r['learning_rate'] == lr}
+        names = [f for f in ['base', *args.factors] if f in by_factor and by_factor[f]['gap']['n']]
+        bars = [(f"{'our recipe' if f == 'base' else f}", by_factor[f]) for f in names]
+        if control and control['learning_rate'] == lr:
+            where = next((i for i, f in enumerate(names) if f.startswith('pure_bf16')), len(names))
+            bars.insert(where, ('our recipe, H200 (control)', control))
+        gaps = [row['gap'] for _, row in bars]
+        ax.barh(range(len(bars)), [g['mean'] for g in gaps], xerr=[g['std'] or 0 for g in gaps], capsize=3,
+                color=['tab:gray' if name.startswith('our recipe') else 'tab:green' for name, _ in bars])
+        ax.set_yticks(range(len(bars)), [f"{name} (n={row['gap']['n']}{', H200' if on_gpu(row) else ''})"
+                                         for name, row in bars])
         ax.axvline(0, color='black', linewidth=0.8)
         ax.invert_yaxis()
-        ax.set(title=f'{BASE_DEPTH} blocks, learning rate {lr:g}',
-               xlabel='gap: lns minus pre final validation loss (> 0: Pre-LN ahead)')
+        ax.set(title=f'{BASE_DEPTH} blocks, learning rate {lr:g}', xlabel='gap: lns minus pre final validation '
+               'loss, mean ± std over seeds\n(> 0: Pre-LN ahead)')
     print(f"wrote {save(fig, args, 'recipe_factors.png')}")
     plt.close(fig)
 
@@ -609,7 +666,7 @@ def plot_layers(args, layers):
         return
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 2.6 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), 2, figsize=(13, 2.8 * len(layers)), squeeze=False)
     for (variance_ax, drop_ax), entry in zip(axes, layers):
         cell = Cell(**entry['cell'])
         for scheme in SCHEMES:
@@ -617,13 +674,16 @@ def plot_layers(args, layers):
             variance_ax.plot(blocks, entry[scheme]['variance'], marker='.', label=scheme)
             drop_ax.plot(blocks, entry[scheme]['loss_drop'], marker='.', label=scheme)
         variance_ax.set(yscale='log', ylabel='residual variance',
-                        title=f'{cell_name(cell)}: output variance per block')
-        drop_ax.set(ylabel='loss increase', title=f'{cell_name(cell)}: loss without the block')
-        variance_ax.legend(fontsize=8)
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[-1]:
-        ax.set_xlabel('block')
+                        title=f'{cell_name(cell)}, seed {args.seeds[0]}: output variance per block')
+        # block 1 costs far more than the rest: a log axis (linear within 1e-3, where a drop may be negative)
+        drop_ax.set_yscale('symlog', linthresh=1e-3)
+        drop_ax.set(ylabel='loss increase (nats)',
+                    title=f'{cell_name(cell)}, seed {args.seeds[0]}: loss without the block')
+        for ax in (variance_ax, drop_ax):
+            ax.title.set_fontsize(9)
+            ax.legend(fontsize=8)
+            ax.set_xlabel('block')
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     print(f"wrote {save(fig, args, 'recipe_layers.png')}")
     plt.close(fig)
 
