@@ -28,6 +28,7 @@ ARCHS = ('gpt', 'llama')
 NORM_SCHEMES = ('pre', 'lns', 'post', 'deepnorm', 'mix', 'peri')
 INIT_SCHEMES = ('normal', 'scaled', 'depth')
 LNS_POSITIONS = ('both_norms', 'attn_norm', 'mlp_norm', 'sublayer')
+LNS_MODES = ('fixed', 'gain_init')
 EARLIER_LNS_POSITIONS = {'norm': 'both_norms', 'attn': 'attn_norm', 'mlp': 'mlp_norm'}  # in older checkpoints
 
 
@@ -51,6 +52,8 @@ class GPTConfig:
     tie_embeddings: Optional[bool] = None  # the output head shares the token embedding; None: True (gpt), False (llama)
     mix_ratio: float = 0.25              # mix: the first floor(mix_ratio * n_layer) blocks are post, the rest pre
     lns_position: str = 'both_norms'     # lns only (paper Table 8): where 1/sqrt(l) goes, see Block
+    lns_mode: str = 'fixed'              # lns only: 'fixed', the paper's constant factor after the norm; 'gain_init',
+                                         # the norm weights start at the factor and train (as GPAS and ProRes do it)
     # alternatives to LNS that the paper compares (Table 6); they combine with any norm_scheme
     init_scheme: str = 'normal'          # 'normal': 0.02 everywhere; 'scaled': residual-output projections
                                          # 0.02/sqrt(2L); 'depth': those 0.02/sqrt(2l)
@@ -94,6 +97,11 @@ class GPTConfig:
         if self.lns_position != 'both_norms' and self.norm_scheme != 'lns':
             raise ValueError(f"lns_position only applies to norm_scheme='lns', not {self.norm_scheme!r}; "
                              f"leave it 'both_norms'")
+        if self.lns_mode not in LNS_MODES:
+            raise ValueError(f"lns_mode must be one of {', '.join(LNS_MODES)}, not {self.lns_mode!r}")
+        if self.lns_mode == 'gain_init' and (self.norm_scheme != 'lns' or self.lns_position == 'sublayer'):
+            raise ValueError("lns_mode='gain_init' puts 1/sqrt(l) into the norm weights, so it needs "
+                             "norm_scheme='lns' with the factor on a norm (not lns_position='sublayer')")
         if self.norm_scheme == 'deepnorm' and self.init_scheme != 'normal':
             raise ValueError("deepnorm brings its own init; leave init_scheme='normal' with it")
         if self.layerscale and self.skipinit:
@@ -245,8 +253,12 @@ class Block(nn.Module):
         # the method), on one of them ('attn_norm', 'mlp_norm'), or on the sublayer outputs instead ('sublayer')
         self.lns_scale = lns_scale(config, index)
         position = config.lns_position
-        self.attn_norm_scale = self.lns_scale if position in ('both_norms', 'attn_norm') else 1.0
-        self.mlp_norm_scale = self.lns_scale if position in ('both_norms', 'mlp_norm') else 1.0
+        factors = (self.lns_scale if position in ('both_norms', 'attn_norm') else 1.0,
+                   self.lns_scale if position in ('both_norms', 'mlp_norm') else 1.0)
+        # lns_mode 'gain_init': the same factors become the norms' initial weights (init_weights), which then train
+        gain_init = config.lns_mode == 'gain_init'
+        self.attn_norm_scale, self.mlp_norm_scale = (1.0, 1.0) if gain_init else factors
+        self.norm_weight_init = factors if gain_init else (1.0, 1.0)
         self.sublayer_lns_scale = self.lns_scale if position == 'sublayer' else 1.0
         self.deepnorm_alpha = deepnorm_constants(config.n_layer)[0] if config.norm_scheme == 'deepnorm' else 1.0
         # learnable gains on the residual branches: LayerScale per channel, SkipInit one scalar
@@ -308,7 +320,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """normal(0, 0.02) for every matrix, normal(0, embedding_init_std) for the embeddings, zero biases, unit
-        norm weights; then init_scheme's residual-output projections, or DeepNet's Xavier init under deepnorm."""
+        norm weights (under lns_mode 'gain_init' a block's two norms start at its LNS factors); then init_scheme's
+        residual-output projections, or DeepNet's Xavier init under deepnorm."""
         for module in self.modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
@@ -318,6 +331,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         L = self.config.n_layer
         for block in self.blocks:
+            nn.init.constant_(block.attn_norm.weight, block.norm_weight_init[0])
+            nn.init.constant_(block.mlp_norm.weight, block.norm_weight_init[1])
             residual_outputs = (block.attn.proj.weight, block.mlp.proj.weight)
             if self.config.init_scheme == 'scaled':
                 for weight in residual_outputs:

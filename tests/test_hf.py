@@ -174,6 +174,10 @@ EXPORTS = {  # name: (our settings, the stock class transformers must load)
     'llama pre, depth init, layerscale': (dict(arch='llama', init_scheme='depth', layerscale=True),
                                           'LlamaForCausalLM'),
     'llama lns, scaled init': (dict(arch='llama', norm_scheme='lns', init_scheme='scaled'), 'LlamaForCausalLM'),
+    'llama lns with trained gains (gain_init)': (dict(arch='llama', norm_scheme='lns', lns_mode='gain_init'),
+                                                 'LlamaForCausalLM'),
+    'gpt lns with trained gains on attention (gain_init)': (dict(arch='gpt', norm_scheme='lns', lns_mode='gain_init',
+                                                                 lns_position='attn_norm'), 'GPT2LMHeadModel'),
     'llama lns, biases on q, k, v only': (dict(arch='llama', norm_scheme='lns', qkv_bias=True), 'Qwen2ForCausalLM'),
 }
 
@@ -305,3 +309,14 @@ def test_bad_command_lines_end_in_one_sentence_and_write_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and all(w in err for w in words), err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_lns_gain_init_exports_its_gains_as_the_norm_weights_unscaled(tmp_path):
+    """Its 1/sqrt(l) already lives in the (trained) norm weights: the export must not fold it in a second time."""
+    ours = random_model(arch='llama', norm_scheme='lns', lns_mode='gain_init')
+    to_hf(ours, tmp_path / 'hf')
+    from safetensors.torch import load_file
+    tensors = load_file(tmp_path / 'hf' / 'model.safetensors')
+    for l, block in enumerate(ours.blocks):
+        assert torch.equal(tensors[f'model.layers.{l}.input_layernorm.weight'], block.attn_norm.weight.detach())
+        assert torch.equal(tensors[f'model.layers.{l}.post_attention_layernorm.weight'], block.mlp_norm.weight.detach())

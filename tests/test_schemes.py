@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, INIT_SCHEMES, LNS_POSITIONS, NORM_SCHEMES, block_layout, deepnorm_constants
+from model import (GPT, GPTConfig, INIT_SCHEMES, LNS_MODES, LNS_POSITIONS, NORM_SCHEMES, block_layout,
+                   deepnorm_constants)
 from reference import build, randomize, reference_logits, reference_residuals, tiny_config, tokens
 
 ARCHS = ['gpt', 'llama']
@@ -195,8 +196,62 @@ def test_layerscale_and_skipinit_are_learnable_gains_with_their_initial_values()
     (dict(norm_scheme='deepnorm', init_scheme='scaled'), ['deepnorm', 'init_scheme']),
     (dict(layerscale=True, skipinit=True), ['layerscale', 'skipinit']),
     (dict(norm_scheme='mix', mix_ratio=1.5), ['mix_ratio']),
+    (dict(norm_scheme='lns', lns_mode='learned'), list(LNS_MODES)),
+    (dict(norm_scheme='pre', lns_mode='gain_init'), ['gain_init', "norm_scheme='lns'"]),
+    (dict(norm_scheme='lns', lns_position='sublayer', lns_mode='gain_init'), ['gain_init', 'sublayer']),
 ])
 def test_invalid_scheme_settings_raise_value_error_listing_valid_ones(overrides, words):
     with pytest.raises(ValueError) as error:
         GPTConfig(**{'arch': 'llama', **overrides})
     assert all(word in str(error.value) for word in words), str(error.value)
+
+
+@pytest.mark.parametrize('arch', ['gpt', 'llama'])
+@pytest.mark.parametrize('lns_position', ['both_norms', 'attn_norm', 'mlp_norm'])
+def test_lns_gain_init_starts_as_fixed_lns_then_is_pre_ln_with_its_own_trained_gains(arch, lns_position):
+    """lns_mode='gain_init' (GPAS, ProRes): the norm weights of block l start at 1/sqrt(l) and nothing multiplies
+    the norm outputs, so at init it is the paper's LNS, and afterwards a Pre-LN model whose norm weights are the
+    gains, with any block dropped (each remaining block keeps its own gains)."""
+    torch.manual_seed(0)
+    fixed = GPT(tiny_config(arch, 'lns', lns_position=lns_position))
+    torch.manual_seed(0)
+    gain = GPT(tiny_config(arch, 'lns', lns_position=lns_position, lns_mode='gain_init'))
+    idx = tokens(fixed.config)
+    torch.testing.assert_close(gain(idx)[0], fixed(idx)[0], rtol=0, atol=1e-6)
+    for l, block in enumerate(gain.blocks, start=1):
+        attn, mlp = (1 / math.sqrt(l) if lns_position in ('both_norms', kind) else 1.0 for kind in ('attn_norm',
+                                                                                                      'mlp_norm'))
+        assert torch.equal(block.attn_norm.weight, torch.full_like(block.attn_norm.weight, attn))
+        assert torch.equal(block.mlp_norm.weight, torch.full_like(block.mlp_norm.weight, mlp))
+        assert block.effective_norm_gain() == pytest.approx(fixed.blocks[l - 1].effective_norm_gain())
+    randomize(gain)
+    pre = GPT(tiny_config(arch, 'pre'))
+    pre.load_state_dict(gain.state_dict())
+    for skip in ((), {2}, {1, 4}):
+        torch.testing.assert_close(gain(idx, skip_layers=skip)[0], pre(idx, skip_layers=skip)[0], rtol=0, atol=0)
+    fixed.load_state_dict(gain.state_dict())
+    assert not torch.allclose(fixed(idx)[0], gain(idx)[0], atol=1e-3)  # the factor is applied once, not twice
+
+
+def test_lns_gain_init_gains_are_trained_without_weight_decay_and_move_as_fast_as_a_gain_of_1():
+    """Adam's first step moves each parameter by the learning rate whatever its size: a gain that starts at
+    1/sqrt(l) moves by lr, where under the fixed factor a gain of 1 moves the effective gain (weight x factor, what
+    the diagnostics log) by lr/sqrt(l). The two modes are the same function at init and train differently."""
+    moved = {}
+    for mode in LNS_MODES:
+        torch.manual_seed(0)
+        model = GPT(tiny_config('llama', 'lns', lns_mode=mode))
+        optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95),
+                                              device_type='cpu')
+        decayed = {id(p) for group in optimizer.param_groups if group['weight_decay'] > 0 for p in group['params']}
+        gains = [p for block in model.blocks for p in (block.attn_norm.weight, block.mlp_norm.weight)]
+        assert all(p.requires_grad and id(p) not in decayed for p in gains)
+        before = [block.attn_norm.weight.detach() * block.attn_norm_scale for block in model.blocks]
+        _, loss = model(tokens(model.config), tokens(model.config, seed=2))
+        loss.backward()
+        optimizer.step()
+        after = [block.attn_norm.weight.detach() * block.attn_norm_scale for block in model.blocks]
+        moved[mode] = [(end - start).abs().mean().item() for start, end in zip(before, after)]
+    for l in range(1, 5):
+        assert moved['gain_init'][l - 1] == pytest.approx(1e-2, rel=1e-3)
+        assert moved['fixed'][l - 1] == pytest.approx(1e-2 / math.sqrt(l), rel=1e-3)
