@@ -355,3 +355,41 @@ def test_readme_quotes_the_recipe_study_as_its_no_train_pass_wrote_it():
     assert 'gap at iteration 4800: -0.0112 +- 0.0140 (3 seeds)' in findings
     assert '-0.011 ± 0.014 at step 4,800' in readme
     assert 'moved by 0.0064 on average and 0.0198 at most' in findings
+
+
+TUNED_STAND_IN = '''
+import json, math, os, sys
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+scheme = 'lns_gain' if args.get('lns_mode') == 'gain_init' else args['norm_scheme']
+assert args['beta2'] == '0.999'
+best, floor = {'pre': (3e-3, 1.60), 'lns': (1e-2, 1.59), 'lns_gain': (7e-2, 1.595)}[scheme]
+loss = floor + 0.5 * (math.log10(float(args['learning_rate']) / best)) ** 2 + 0.001 * int(args['seed'])
+with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
+    log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': loss, 'val_loss': loss}) + '\\n')
+'''
+
+
+def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_each_best(tmp_path, monkeypatch):
+    """A stand-in trainer whose loss is a parabola in log(rate): Pre-LN best at 3e-3, LNS at 1e-2, and LNS as
+    gains at 7e-2, beyond the grid's 5e-2 edge, so the grid grows to 1e-1 (where 5e-2 stays best)."""
+    import tuned_study
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(TUNED_STAND_IN)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
+    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    tuned_study.main(['--depths', '12', '--steps', '10', '--jobs', '2', f'--data_dir={tmp_path / "data"}', *folders])
+    report = json.loads((tmp_path / 'results' / 'tuned_study.json').read_text())['depths'][0]
+    schemes = report['schemes']
+    assert [schemes[s]['best_learning_rate'] for s in ('pre', 'lns', 'lns_gain')] == [3e-3, 1e-2, 5e-2]
+    assert sorted(float(rate) for rate in schemes['pre']['by_rate']) == [*tuned_study.LEARNING_RATES, 0.1]
+    seeds = {s: {float(rate): len(by_seed) for rate, by_seed in schemes[s]['by_rate'].items()} for s in schemes}
+    assert [seeds['pre'][rate] for rate in (2e-3, 3e-3, 5e-3)] == [5, 5, 5] and seeds['pre'][1e-3] == 1
+    assert [seeds['lns_gain'][rate] for rate in (3e-2, 5e-2, 0.1)] == [5, 5, 5]
+    # seed 0's gap lns - pre turns between 5e-3 and 1e-2: 3 seeds of both there, where no best asks for more
+    assert seeds['pre'][1e-2] == 3 and seeds['lns'][5e-3] == 5 and seeds['lns'][2e-3] == 1
+    best = report['best_against_best']['lns']
+    assert best['seeds'] == 5 and best['gap_mean'] == pytest.approx(1.59 - 1.60 + 0.001 * 0, abs=1e-9)
+    assert best['bootstrap_95'][0] <= best['gap_mean'] <= best['bootstrap_95'][1]
+    assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth.png').exists()

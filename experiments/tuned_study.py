@@ -1,0 +1,307 @@
+"""
+Tuned against tuned, under the paper's Adam: does LNS lower the best loss, or only move where the good learning
+rates are? Pre-LN, LNS with the paper's fixed factor, and LNS as learnable gains initialised at 1/sqrt(l)
+(lns_mode='gain_init'), on the recipe study's models and data (config/shakespeare_char_deep12.py's recipe, 1,500
+steps of 32 x 64 characters, width 64) but with Adam's beta2 at 0.999, over a finer grid of learning rates.
+
+    python data/shakespeare_char/prepare.py
+    nohup python experiments/tuned_study.py --jobs 2 > experiments/runs/tuned_study.out 2>&1 &
+    python experiments/tuned_study.py --no_train      # the report and figures from the runs finished so far
+
+The rule, depth by depth (12 first, then 6 and 24): every (rate, scheme) cell is screened with seed 0; the grid
+grows past an edge where a scheme's best rate sits on it; then 5 seeds at each scheme's best rate and its two
+neighbours, and 3 seeds on both sides of every place where an LNS mode's gap to Pre-LN changes sign. A run is
+finished when its log holds the final validation loss or a divergence; finished runs are skipped.
+
+Reports, per depth: each scheme's best rate and mean loss there, the best-against-best gap of each LNS mode to
+Pre-LN paired by seed with a bootstrap 95% interval, the rates within 0.02 nats of each best, and where each scheme
+fails (diverges, or ends more than FAILED nats above its best); beside it the same seeds rerun where they exist,
+and beta2's effect (seed 0 of the recipe study's beta2 = 0.95 runs against these at the rates both ran).
+Writes experiments/results/tuned_study.json and experiments/figures/tuned_*.png; runs go to
+experiments/runs/tuned_study/, whose logs and train.out are committed.
+"""
+
+import argparse
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+import recipe_study
+from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, require_prepared_data, run_all,
+                           run_device, threads_per_job, train, write_json)
+
+# scheme name in this study -> train.py settings
+SCHEMES = {'pre': ['--norm_scheme=pre'], 'lns': ['--norm_scheme=lns'],
+           'lns_gain': ['--norm_scheme=lns', '--lns_mode=gain_init']}
+LNS_MODES = ('lns', 'lns_gain')  # each compared with pre
+LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2)
+EDGE_STEP = 2.0  # a grid grown past an edge adds rates this factor apart
+SEEDS_AT_BEST, SEEDS_AT_SIGN_CHANGE = 5, 3
+TOLERANCE = recipe_study.TOLERANCE  # nats: the window of rates near a scheme's best
+FAILED = 0.1  # nats above a scheme's best loss: that rate counts as where the scheme fails
+BETA2 = 0.999
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--depths', type=int, nargs='+', default=[12, 6, 24], help='in the order they run')
+    parser.add_argument('--steps', type=int, default=1500)
+    parser.add_argument('--jobs', type=int, default=1, help='runs at a time')
+    parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--compile', type=lambda s: {'true': True, 'false': False}[s.lower()], default=True)
+    parser.add_argument('--no_train', action='store_true', help='only report the finished runs')
+    parser.add_argument('--runs', default=os.path.join(HERE, 'runs', 'tuned_study'))
+    parser.add_argument('--beta2_runs', default=os.path.join(HERE, 'runs', 'recipe_study'),
+                        help="the recipe study's runs (beta2 0.95), for beta2's effect")
+    parser.add_argument('--results', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
+    parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data', 'shakespeare_char'))
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_dir(args, depth, learning_rate, scheme, seed):
+    return os.path.join(args.runs, f'd{depth}_lr{learning_rate:g}_{scheme}_s{seed}')
+
+
+def trainer_arguments(args, depth, learning_rate, scheme, seed):
+    width = recipe_study.BASE_WIDTH
+    return [recipe_study.BASE_CONFIG, f'--n_layer={depth}', f'--n_embd={width}',
+            f'--n_head={width // recipe_study.HEAD_SIZE}', *SCHEMES[scheme], f'--beta2={BETA2}',
+            f'--learning_rate={learning_rate:g}', f'--min_lr={learning_rate / 10:g}', f'--max_iters={args.steps}',
+            f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
+            f'--log_interval={args.steps // 10}', '--eval_iters=20', f'--seed={seed}', f'--data_dir={args.data_dir}',
+            f'--device={args.device}', '--tf32=False', f'--compile={args.compile}']
+
+
+def losses(args, depth):
+    """{scheme: {learning_rate: {seed: final validation loss}}} of the finished runs at a depth (inf: diverged)."""
+    found = {scheme: {} for scheme in SCHEMES}
+    prefix = f'd{depth}_lr'
+    for name in sorted(os.listdir(args.runs)) if os.path.isdir(args.runs) else []:
+        if not name.startswith(prefix):
+            continue
+        rate, rest = name[len(prefix):].split('_', 1)  # run_dir's name: <rate>_<scheme>_s<seed>
+        scheme, seed = rest.rsplit('_s', 1)
+        rate, seed = float(rate), int(seed)
+        if scheme in SCHEMES and outcome(run_dir(args, depth, rate, scheme, seed), args.steps):
+            loss = final_val_loss(run_dir(args, depth, rate, scheme, seed))
+            found[scheme].setdefault(rate, {})[seed] = loss if math.isfinite(loss) else math.inf
+    return found
+
+
+def mean_loss(by_seed):
+    return statistics.mean(by_seed.values())
+
+
+def best_rate(by_rate):
+    """The rate of the lowest mean loss over seed 0 alone (the screen), so that more seeds do not move it."""
+    screened = {rate: seeds[0] for rate, seeds in by_rate.items() if 0 in seeds}
+    return min(screened, key=screened.get) if screened else None
+
+
+def grid(depth_losses):
+    """The rates to screen: LEARNING_RATES, grown by EDGE_STEP past an edge where a scheme's best sits on it."""
+    rates = set(LEARNING_RATES) | {rate for by_rate in depth_losses.values() for rate in by_rate}
+    for by_rate in depth_losses.values():
+        best = best_rate(by_rate)
+        if best is not None and set(rates) <= set(by_rate):  # the screen of this scheme is complete
+            if best == min(rates):
+                rates.add(best / EDGE_STEP)
+            if best == max(rates) and math.isfinite(by_rate[best][0]):
+                rates.add(best * EDGE_STEP)
+    return sorted(rates)
+
+
+def seeds_wanted(depth_losses, rates):
+    """{(scheme, rate): seed count} beyond the screen: around each best, and where an LNS mode's gap turns."""
+    wanted = {}
+    for scheme, by_rate in depth_losses.items():
+        best = best_rate(by_rate)
+        if best is None or not set(rates) <= set(by_rate):
+            continue
+        i = rates.index(best)
+        for rate in rates[max(0, i - 1):i + 2]:
+            wanted[(scheme, rate)] = SEEDS_AT_BEST
+    for mode in LNS_MODES:
+        gaps = [(rate, depth_losses[mode][rate][0] - depth_losses['pre'][rate][0]) for rate in rates
+                if 0 in depth_losses[mode].get(rate, {}) and 0 in depth_losses['pre'].get(rate, {})]
+        for (a, gap_a), (b, gap_b) in zip(gaps, gaps[1:]):
+            if gap_a * gap_b < 0 and math.isfinite(gap_a * gap_b):
+                for scheme in ('pre', mode):
+                    for rate in (a, b):
+                        wanted[(scheme, rate)] = max(wanted.get((scheme, rate), 0), SEEDS_AT_SIGN_CHANGE)
+    return wanted
+
+
+def plan(args, depth):
+    """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks."""
+    depth_losses = losses(args, depth)
+    rates = grid(depth_losses)
+    screen = [(depth, rate, scheme, 0) for rate in rates for scheme in SCHEMES
+              if 0 not in depth_losses[scheme].get(rate, {})]
+    if screen:
+        return screen
+    return [(depth, rate, scheme, seed) for (scheme, rate), count in sorted(seeds_wanted(depth_losses, rates).items())
+            for seed in range(count) if seed not in depth_losses[scheme].get(rate, {})]
+
+
+def run_one(args, threads, depth, rate, scheme, seed):
+    start = time.time()
+    state = train(run_dir(args, depth, rate, scheme, seed), trainer_arguments(args, depth, rate, scheme, seed),
+                  args.steps, threads)
+    print(f"{state}: {depth} blocks, lr {rate:g}, {scheme}, seed {seed} ({time.time() - start:.0f} s)", flush=True)
+
+
+def study(args, threads):
+    """Depth by depth, the screen then its extra seeds (a grid grown at an edge is screened first), until nothing
+    is left to run; returns the failed runs."""
+    failures = []
+    for depth in args.depths:
+        while True:
+            jobs = plan(args, depth)
+            if not jobs:
+                break
+            print(f"== {depth} blocks: {len(jobs)} run(s)", flush=True)
+            failed = run_all([lambda job=job: run_one(args, threads, *job) for job in jobs], args.jobs)
+            failures += failed
+            if failed:  # the plan would ask for the same runs again
+                break
+    return failures
+
+
+# ----------------------------------------------------------------------------- report
+
+def bootstrap_interval(differences, rounds=10_000, seed=0):
+    """A percentile-bootstrap 95% interval of the mean of paired differences (resampling the seeds)."""
+    if len(differences) < 2:
+        return None
+    generator = random.Random(seed)
+    means = sorted(statistics.mean(generator.choices(differences, k=len(differences))) for _ in range(rounds))
+    return [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]]
+
+
+def depth_report(args, depth):
+    depth_losses = losses(args, depth)
+    report = {'depth': depth, 'schemes': {}, 'best_against_best': {}}
+    for scheme, by_rate in depth_losses.items():
+        best = best_rate(by_rate)
+        if best is None:
+            continue
+        means = {rate: mean_loss(seeds) for rate, seeds in by_rate.items()}
+        report['schemes'][scheme] = {
+            'best_learning_rate': best, 'best_loss': means[best], 'seeds_at_best': len(by_rate[best]),
+            'best_loss_std': statistics.stdev(by_rate[best].values()) if len(by_rate[best]) > 1 else None,
+            'within_tolerance': sorted(rate for rate, loss in means.items() if loss <= means[best] + TOLERANCE),
+            'fails_at': sorted(rate for rate, loss in means.items() if loss > means[best] + FAILED),
+            'by_rate': {f'{rate:g}': {str(seed): loss for seed, loss in seeds.items()}
+                        for rate, seeds in sorted(by_rate.items())}}
+    for mode in LNS_MODES:
+        if {'pre', mode} <= set(report['schemes']):
+            pre = depth_losses['pre'][report['schemes']['pre']['best_learning_rate']]
+            lns = depth_losses[mode][report['schemes'][mode]['best_learning_rate']]
+            paired = [lns[seed] - pre[seed] for seed in sorted(set(pre) & set(lns))]
+            report['best_against_best'][mode] = {
+                'gap_mean': statistics.mean(paired), 'seeds': len(paired), 'by_seed': paired,
+                'bootstrap_95': bootstrap_interval(paired)}
+    return report
+
+
+def beta2_effect(args, depth):
+    """Seed 0 of pre and lns at the rates both studies ran: the recipe study's beta2 0.95 against 0.999 here."""
+    rows = []
+    for scheme in ('pre', 'lns'):
+        for rate in recipe_study.parse_args([]).learning_rates:
+            old = os.path.join(args.beta2_runs, f'd{depth}_w{recipe_study.BASE_WIDTH}_lr{rate:g}_base_{scheme}_s0')
+            new = run_dir(args, depth, rate, scheme, 0)
+            if outcome(old, args.steps) and outcome(new, args.steps):
+                rows.append({'scheme': scheme, 'learning_rate': rate, 'beta2_0.95': final_val_loss(old),
+                             f'beta2_{BETA2}': final_val_loss(new)})
+    return rows
+
+
+def findings(reports, beta2):
+    lines = []
+    for report in reports:
+        for scheme, s in report['schemes'].items():
+            lines.append(f"{report['depth']} blocks, {scheme}: best {s['best_learning_rate']:g} at "
+                         f"{s['best_loss']:.4f} ({s['seeds_at_best']} seed(s)); within {TOLERANCE} nats: "
+                         f"{', '.join(f'{r:g}' for r in s['within_tolerance'])}; more than {FAILED} above its best "
+                         f"at: {', '.join(f'{r:g}' for r in s['fails_at']) or 'no rate of the grid'}")
+        for mode, b in report['best_against_best'].items():
+            interval = (f", bootstrap 95% [{b['bootstrap_95'][0]:+.4f}, {b['bootstrap_95'][1]:+.4f}]"
+                        if b['bootstrap_95'] else '')
+            lines.append(f"{report['depth']} blocks, best against best, {mode} - pre: {b['gap_mean']:+.4f} over "
+                         f"{b['seeds']} paired seed(s){interval}")
+    for depth, rows in beta2.items():
+        for row in rows:
+            lines.append(f"{depth} blocks, {row['scheme']} at {row['learning_rate']:g}, seed 0: beta2 0.95 "
+                         f"{row['beta2_0.95']:.4f}, {BETA2} {row[f'beta2_{BETA2}']:.4f}")
+    return lines
+
+
+def plot(args, reports):
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(reports), figsize=(4.5 * len(reports), 7), squeeze=False, sharey='row',
+                             height_ratios=(3, 2))
+    colors = {'pre': 'tab:blue', 'lns': 'tab:orange', 'lns_gain': 'tab:red'}
+    for (loss_ax, gap_ax), report in zip(axes.T, reports):
+        for scheme, s in report['schemes'].items():
+            rates = [float(rate) for rate in s['by_rate']]
+            seeds = [list(v.values()) for v in s['by_rate'].values()]
+            means = [statistics.mean(v) for v in seeds]
+            loss_ax.plot(rates, means, color=colors[scheme], label=scheme)
+            for rate, values, mean in zip(rates, seeds, means):
+                loss_ax.errorbar(rate, mean, yerr=statistics.stdev(values) if len(values) > 1 else 0, marker='o',
+                                 markerfacecolor=colors[scheme] if len(values) > 1 else 'white',
+                                 color=colors[scheme], capsize=3, linestyle='none')
+        loss_ax.set(xscale='log', xlabel='peak learning rate', ylabel='final validation loss (nats per character)',
+                    title=f"{report['depth']} blocks x width {recipe_study.BASE_WIDTH}, beta2 {BETA2}")
+        loss_ax.legend(fontsize=8, title='hollow: one seed', title_fontsize=7)
+        modes = list(report['best_against_best'])
+        for i, mode in enumerate(modes):
+            b = report['best_against_best'][mode]
+            low, high = b['bootstrap_95'] or (b['gap_mean'], b['gap_mean'])
+            gap_ax.errorbar(i, b['gap_mean'], yerr=[[b['gap_mean'] - low], [high - b['gap_mean']]], marker='o',
+                            color=colors[mode], capsize=4)
+        gap_ax.axhline(0, color='black', linewidth=0.8)
+        gap_ax.set_xticks(range(len(modes)), [f"{m} - pre ({report['best_against_best'][m]['seeds']} seeds)"
+                                              for m in modes])
+        gap_ax.set(xlim=(-0.5, len(modes) - 0.5), ylabel='best against best, 95% bootstrap (nats)')
+    fig.tight_layout()
+    os.makedirs(args.figures, exist_ok=True)
+    path = os.path.join(args.figures, 'tuned_learning_rate_by_depth.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    args = parse_args(argv)
+    require_prepared_data(args.data_dir)
+    failures = [] if args.no_train else study(args, threads_per_job(args.jobs, args.threads))
+    reports = [depth_report(args, depth) for depth in args.depths]
+    reports = [report for report in reports if report['schemes']]
+    if not reports:
+        sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
+    beta2 = {depth: beta2_effect(args, depth) for depth in args.depths}
+    lines = findings(reports, beta2)
+    devices = sorted({str(run_device(os.path.join(args.runs, name))) for name in os.listdir(args.runs)
+                      if read_log(os.path.join(args.runs, name))})
+    write_json(os.path.join(args.results, 'tuned_study.json'), {
+        'settings': {'steps': args.steps, 'beta2': BETA2, 'schemes': SCHEMES, 'tolerance_nats': TOLERANCE,
+                     'failed_nats': FAILED, 'devices': devices},
+        'findings': lines, 'depths': reports, 'beta2_effect': beta2})
+    print('\n'.join(lines))
+    print(f"wrote {plot(args, reports)}")
+    if failures:
+        sys.exit(f"error: {len(failures)} run(s) failed; the first: {failures[0]}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
