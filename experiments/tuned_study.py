@@ -132,7 +132,7 @@ def seeds_wanted(depth_losses, rates):
         gaps = [(rate, depth_losses[mode][rate][0] - depth_losses['pre'][rate][0]) for rate in rates
                 if 0 in depth_losses[mode].get(rate, {}) and 0 in depth_losses['pre'].get(rate, {})]
         for (a, gap_a), (b, gap_b) in zip(gaps, gaps[1:]):
-            if gap_a * gap_b < 0 and math.isfinite(gap_a * gap_b):
+            if gap_a * gap_b < 0:  # a diverged run (inf) counts as worse than any finished one
                 for scheme in ('pre', mode):
                     for rate in (a, b):
                         wanted[(scheme, rate)] = max(wanted.get((scheme, rate), 0), SEEDS_AT_SIGN_CHANGE)
