@@ -14,11 +14,14 @@ import ast
 import datetime
 import glob
 import hashlib
+import importlib.util
+import inspect
 import json
 import math
 import os
 import shutil
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -49,7 +52,11 @@ class TrainConfig:
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
     always_save_checkpoint: bool = True    # False: save only at evaluations where the validation loss improves
-    init_from: str = 'scratch'             # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = 'scratch'             # 'scratch' or 'resume': out_dir/ckpt.pt's run goes on, its schedule,
+                                           # batch, optimizer, data, seed, dtype and evaluation as they were
+                                           # unless --key=value changes one (COURSE below)
+    overwrite: bool = False                # init_from='scratch' into an out_dir that holds a run deletes that run
+                                           # (its checkpoints and log); without it, refused
     wandb_log: bool = False
     wandb_project: str = 'curse-of-depth'
     wandb_run_name: str = 'run'
@@ -108,6 +115,11 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
                  'vocab_size': Optional[int],
                  **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
+# the settings that set a run's course: on resume the checkpoint's values stay unless the command line gives one
+# (--key=value), and the start-up says what changed; the model's settings must match the checkpoint's
+COURSE = ('dataset', 'block_size', 'global_batch_size', 'batch_size', 'gradient_accumulation_steps', 'learning_rate',
+          'max_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'decay_lr', 'warmup_iters', 'lr_decay_iters',
+          'min_lr', 'dtype', 'seed', 'eval_iters', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
@@ -120,13 +132,28 @@ class Diverged(UserError):
     """A non-finite loss: the run stops without saving, and the exit status says so (3)."""
 
 
+class Interrupted(UserError):
+    """Ctrl-C: the save in flight is finished, the message says where the last checkpoint is (exit status 130)."""
+
+
 # ----------------------------------------------------------------------------- the training loop
 
-def train(cfg, dist, device):
-    """Trains the model cfg describes; returns the best validation loss."""
-    cfg = resolve_batch(cfg, dist.world_size)
-    data_dir, meta, config = check_inputs(cfg, dist)
-    checkpoint = load_resume_checkpoint(cfg, config) if cfg.init_from == 'resume' else None
+def train(cfg, dist, device, explicit=()):
+    """Trains the model cfg describes; returns the best validation loss. On resume, the settings named in
+    `explicit` (those the command line gave) are the only ones that may change the run's course."""
+    checkpoint, changes = None, []
+    if cfg.init_from == 'resume':
+        checkpoint = load_resume_checkpoint(cfg)
+        cfg, changes = continue_run(cfg, checkpoint, explicit, dist.world_size)
+        if checkpoint['iter_num'] >= cfg.max_iters:
+            if dist.master:
+                print(f"{cfg.out_dir} holds a finished run: iteration {checkpoint['iter_num']} of max_iters "
+                      f"{cfg.max_iters}, best validation loss {checkpoint['best_val_loss']:.4f}; nothing to do (to "
+                      f"train on, resume with a larger --max_iters)")
+            return checkpoint['best_val_loss']
+    else:
+        cfg = resolve_batch(cfg, dist.world_size)
+    data_dir, meta, config, fingerprint = check_inputs(cfg, dist, checkpoint)
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -141,9 +168,12 @@ def train(cfg, dist, device):
         iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path)
         checkpoint = None  # free its memory
     resumed_at = iter_num if iter_num > 0 else None  # that iteration was evaluated and saved before the stop
+    saved_at = resumed_at
     if dist.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print_startup(cfg, config, model, device, dist)
+        if cfg.init_from == 'scratch':
+            delete_run(cfg.out_dir)  # check_inputs allowed it: nothing there, or --overwrite=True
+        print_startup(cfg, config, model, device, dist, changes)
     train_model = wrap_for_training(model, cfg, dist, device)
     writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
     health, stopwatch = TrainingHealth(device), Stopwatch(device)
@@ -158,12 +188,16 @@ def train(cfg, dist, device):
                 val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
                 improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
                 if not cfg.always_save_checkpoint and improved and iter_num > 0:
-                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg,
+                         (meta, fingerprint), dist)
+                    saved_at = iter_num
             if (cfg.always_save_checkpoint and (iter_num % checkpoint_interval == 0 or last)
                     and iter_num > 0 and iter_num != resumed_at):
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
-                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist)
+                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg,
+                     (meta, fingerprint), dist)
+                saved_at = iter_num
             if last:
                 break
 
@@ -182,11 +216,21 @@ def train(cfg, dist, device):
                 seconds_per_iter = stopwatch.read()
                 progress.log(iter_num, lr, health.check(iter_num - 1, dist, log_path) / dist.world_size, grad_norm,
                              seconds_per_iter)
+    except KeyboardInterrupt:
+        where = (f"{cfg.out_dir}/ckpt.pt holds iteration {saved_at}; go on with --init_from=resume" if saved_at
+                 else "no checkpoint was saved")
+        raise Interrupted(f"interrupted at iteration {iter_num}; {where}") from None
     finally:
         if writer is not None:
             writer.close()  # a save in flight is finished, never abandoned
     if dist.ddp:  # leave together: a process that tears down its group while rank 0 still saves can abort
         torch.distributed.barrier()
+    if dist.master:
+        name = os.path.basename(os.path.normpath(cfg.out_dir))
+        print(f"finished: {cfg.out_dir}, iteration {iter_num}, best validation loss {best_val_loss:.4f}. Next:\n"
+              f"  python eval_layers.py {cfg.out_dir}       # which blocks matter, the variance by depth\n"
+              f"  python sample.py {cfg.out_dir}            # text from the model\n"
+              f"  python hf.py {cfg.out_dir} hf/{name}      # a Hugging Face folder")
     return best_val_loss
 
 
@@ -238,8 +282,9 @@ class Progress:
 
 # ----------------------------------------------------------------------------- set-up, in the order train() calls it
 
-def check_inputs(cfg, dist):
-    """Everything about the data and out_dir that can be wrong, before anything is built or written."""
+def check_inputs(cfg, dist, checkpoint=None):
+    """Everything about the data, out_dir and the checkpoint to resume that can be wrong, before anything is built
+    or written; (data_dir, meta, model config, data fingerprint)."""
     data_dir = resolve_data_dir(cfg)
     meta = read_meta(data_dir, cfg.dataset)
     config = model_config(cfg, meta['vocab_size'])
@@ -251,6 +296,10 @@ def check_inputs(cfg, dist):
         raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
                         f"{cfg.block_size}; set block_size={meta['row_length']}")
     for split in ('train', 'val'):
+        size = os.path.getsize(os.path.join(data_dir, f'{split}.bin'))
+        if size % 2:
+            raise UserError(f"{split}.bin in {data_dir} is {size:,} bytes, not whole 2-byte tokens (a copy cut "
+                            f"short?); prepare the data again")
         tokens = open_tokens(data_dir, split)
         if rows and len(tokens) % meta['row_length']:
             raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
@@ -262,17 +311,52 @@ def check_inputs(cfg, dist):
         if largest >= config.vocab_size:
             raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
                             f"{config.vocab_size}; prepare the data again or raise vocab_size")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir")
+    fingerprint = data_fingerprint(data_dir)
+    problem = out_dir_problem(cfg) if dist.master else None  # only rank 0 writes there
     if dist.ddp:  # each node reads its own copy of the data: a different one would draw an inconsistent batch
-        fingerprints = [None] * dist.world_size
-        torch.distributed.all_gather_object(fingerprints, data_fingerprint(data_dir))
-        others = [rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != fingerprints[0]]
+        found = [None] * dist.world_size
+        torch.distributed.all_gather_object(found, (fingerprint, problem))
+        others = [rank for rank, (theirs, _) in enumerate(found) if theirs != found[0][0]]
         if others:  # every process refuses, so none waits for the others in a collective
             raise UserError(f"rank(s) {', '.join(map(str, others))} found other data in {data_dir} than rank 0 "
                             f"(meta.json, or the size or contents of train.bin or val.bin); give every node the "
                             f"same prepared data")
-    return data_dir, meta, config
+        problem = found[0][1]
+    if problem:
+        raise UserError(problem)
+    if checkpoint is not None:
+        check_same_run(cfg, checkpoint, config, meta, fingerprint, data_dir)
+    return data_dir, meta, config, fingerprint
+
+
+def out_dir_problem(cfg):
+    """Why out_dir cannot take this run, in one sentence, or None."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        return f"out_dir {cfg.out_dir} exists and is not a folder; choose another out_dir"
+    found = existing_run(cfg.out_dir)
+    if cfg.init_from == 'scratch' and found and not cfg.overwrite:
+        return (f"{cfg.out_dir} already holds a run ({found}); resume it with --init_from=resume, or start over "
+                f"with --overwrite=True, which deletes it (or choose another --out_dir)")
+    return None
+
+
+RUN_FILES = ('ckpt.pt', 'ckpt-*.pt', 'ckpt*.tmp', 'log.jsonl')  # what a run leaves in out_dir
+
+
+def existing_run(out_dir):
+    """What of a run out_dir holds, in words ('ckpt.pt, log.jsonl to iteration 300'), or None."""
+    found = sorted({os.path.basename(path) for pattern in RUN_FILES
+                    for path in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
+    if not found:
+        return None
+    iters = [record['iter'] for record in read_log(os.path.join(out_dir, 'log.jsonl'))]
+    return ', '.join(found) + (f" to iteration {max(iters)}" if iters else '')
+
+
+def delete_run(out_dir):
+    for pattern in RUN_FILES:
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.remove(path)
 
 
 def resolve_batch(cfg, world_size):
@@ -295,7 +379,7 @@ def resolve_batch(cfg, world_size):
     return replace(cfg, batch_size=micro_batch, gradient_accumulation_steps=share // micro_batch * world_size)
 
 
-def load_resume_checkpoint(cfg, config):
+def load_resume_checkpoint(cfg):
     """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
     and no GPU holds a second copy of the weights and optimizer state. Memory-mapped, so that the processes of a
     node share one copy in the page cache instead of reading one each."""
@@ -303,9 +387,37 @@ def load_resume_checkpoint(cfg, config):
     if not os.path.exists(ckpt_path):
         raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
     try:
-        checkpoint = read_checkpoint(ckpt_path, mmap=True)
+        return read_checkpoint(ckpt_path, mmap=True)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def continue_run(cfg, checkpoint, explicit, world_size):
+    """cfg resolved for going on with the checkpoint's run: each COURSE setting is the checkpoint's unless the
+    command line gives another (`explicit`); and the lines the start-up prints about what was kept or changed.
+    (With global_batch_size, the micro-batch follows the process count and is not the run's course.)"""
+    saved, asked = checkpoint.get('train_config') or {}, resolve_batch(cfg, world_size)
+    derived = ('batch_size', 'gradient_accumulation_steps') if saved.get('global_batch_size') else ()
+    differ = [k for k in COURSE if k in saved and k not in derived and getattr(asked, k) != saved[k]]
+    kept = {k: saved[k] for k in differ if k not in explicit}
+    changed = {k: saved[k] for k in differ if k in explicit}
+    cfg = resolve_batch(replace(cfg, **kept), world_size)
+    lines = []
+    if kept:
+        lines.append("kept the run's own " + ', '.join(f"{k}={v!r}" for k, v in kept.items()) + " over the "
+                     + ', '.join(f"{k}={getattr(asked, k)!r}" for k in kept) + " given (a --key=value changes one)")
+    if changed:
+        it, before = checkpoint['iter_num'], replace(cfg, **changed)
+        lines.append("changed from the run's settings: " + ', '.join(
+            f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in changed.items()) + (
+            f"; the learning rate at iteration {it} goes from {get_lr(it, before):.2e} to {get_lr(it, cfg):.2e}"
+            if get_lr(it, before) != get_lr(it, cfg) else ''))
+    return cfg, lines
+
+
+def check_same_run(cfg, checkpoint, config, meta, fingerprint, data_dir):
+    """Refuses to resume the checkpoint's run with another model or on other data than it trained on."""
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     try:  # resolved again, so that settings added since the checkpoint take their defaults
         saved = GPTConfig.from_dict(checkpoint['model_config']).to_dict()
     except ValueError as error:
@@ -314,7 +426,14 @@ def load_resume_checkpoint(cfg, config):
         differences = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in config.to_dict().items() if saved.get(k) != v]
         raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
                         f"resume with the checkpoint's settings or use another out_dir")
-    return checkpoint
+    saved_meta = checkpoint.get('data_meta')
+    if saved_meta is not None and saved_meta != meta:
+        keys = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
+        raise UserError(f"{data_dir} holds other data than the run in {cfg.out_dir} trained on (its meta.json "
+                        f"differs in {', '.join(keys)}); point data_dir at the run's data, or start a new run")
+    if checkpoint.get('data_fingerprint', fingerprint) != fingerprint:
+        raise UserError(f"train.bin or val.bin in {data_dir} differ from the data the run in {cfg.out_dir} trained "
+                        f"on (meta.json is the same); point data_dir at the run's data, or start a new run")
 
 
 def build_model(cfg, config, device):
@@ -364,20 +483,40 @@ def restore_rng_state(state, sampler):
 
 
 def truncate_log(path, last_iter):
-    """Drops log records after last_iter (written by a run that died after its last checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['iter'] <= last_iter]
+    """Drops log records after last_iter (written by a run that died after its last checkpoint), and a last line
+    that a kill cut short."""
+    records = [record for record in read_log(path) if record['iter'] <= last_iter]
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-        f.writelines(lines)
+        f.writelines(json.dumps(record) + '\n' for record in records)
     os.replace(tmp, path)
 
 
-def print_startup(cfg, config, model, device, dist):
-    print('config:', ', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k != 'model'))
-    print('model:', ', '.join(f'{k}={v}' for k, v in config.to_dict().items()))
+def read_log(path):
+    """The records of a log.jsonl ([] when there is none). A last line cut short (a kill or a full disk mid-write)
+    is left out, with a word; a damaged line before it is a UserError naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != lines[-1][0]:
+                raise UserError(f"line {number} of {path} is not a JSON record; mend or delete that line") from None
+            print(f"note: the last line of {path} was cut short (a run killed mid-write); it is left out")
+    return records
+
+
+def print_startup(cfg, config, model, device, dist, changes):
+    for name, settings in (('settings', {k: v for k, v in asdict(cfg).items() if k != 'model'}),
+                           ('model', config.to_dict())):
+        print(textwrap.fill(', '.join(f'{k}={v}' for k, v in settings.items()), width=116, initial_indent=f'{name}: ',
+                            subsequent_indent='    ', break_long_words=False, break_on_hyphens=False))
+    for line in changes:
+        print(line)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     device_name, peak = peak_flops(device, cfg.dtype)
     ddp = f", DDP over {torch.distributed.get_backend()}" if dist.ddp else ''
@@ -404,8 +543,14 @@ def read_meta(data_dir, dataset):
     if missing:
         raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); "
                         f"run: python data/{dataset}/prepare.py")
-    with open(paths[0]) as f:
-        return json.load(f)
+    try:
+        with open(paths[0]) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{paths[0]} is not valid JSON ({error}); run: python data/{dataset}/prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise UserError(f"{paths[0]} gives no vocab_size; run: python data/{dataset}/prepare.py")
+    return meta
 
 
 def data_fingerprint(data_dir, pieces=64, piece_bytes=1 << 16):
@@ -727,8 +872,9 @@ def depth_diagnostics(model, x, y, autocast):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, meta, dist):
-    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background."""
+def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, data, dist):
+    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background.
+    data: (meta.json's contents, data_fingerprint), by which a resume checks it has the run's data."""
     rng_states = [rng_state(sampler)]
     if dist.ddp:
         rng_states = [None] * dist.world_size
@@ -736,7 +882,7 @@ def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, con
     if writer is not None:
         writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': cfg.settings(),
-                     'data_meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
+                     'data_meta': data[0], 'data_fingerprint': data[1], 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
 
 
 def rng_state(sampler):
@@ -922,17 +1068,21 @@ def append_log(path, record):
 # ----------------------------------------------------------------------------- configuration
 
 def parse_config(argv):
-    """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order."""
-    values = {}
+    """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order (a file
+    that overrides an earlier --key=value is announced)."""
+    values, given = {}, {}  # given: the value of each --key=value so far
     for arg in argv:
         if arg.startswith('--'):
             key, has_value, raw = arg[2:].partition('=')
             if not has_value or not key:
                 raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
-            values[key] = check_value(key, _parse_literal(key, raw), f"--{key}")
+            values[key] = given[key] = check_value(key, _parse_literal(key, raw), f"--{key}")
         elif arg.endswith('.py'):
             for key, value in read_config_file(arg).items():
                 values[key] = check_value(key, value, arg)
+                if key in given and given.pop(key) != values[key] and os.environ.get('RANK', '0') == '0':
+                    print(f"note: {arg} sets {key}={values[key]!r} over the earlier --{key}; arguments apply in "
+                          f"order, so give --key=value after the config files")
         else:
             raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
     if values.get('global_batch_size') is not None and 'gradient_accumulation_steps' in values:
@@ -944,6 +1094,10 @@ def parse_config(argv):
     cfg.model.update(model)
     if cfg.init_from not in ('scratch', 'resume'):
         raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    if not cfg.out_dir.strip():
+        raise UserError("out_dir is empty; name the folder for the run's checkpoints and log, e.g. --out_dir=out/run")
+    if cfg.wandb_log and importlib.util.find_spec('wandb') is None:
+        raise UserError("wandb_log=True needs wandb, which is not installed; pip install wandb, or drop wandb_log")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
     for key, (low, high, low_open, rule) in RANGES.items():
@@ -1029,17 +1183,34 @@ def model_config(cfg, vocab_size):
         raise UserError(str(error)) from None
 
 
+def usage():
+    """The module's docstring and every setting with its default and comment: TrainConfig's own source."""
+    source = inspect.getsource(TrainConfig).split('    def settings')[0]
+    model = ', '.join(f"{key}={value!r}" for key, value in TrainConfig().settings().items()
+                      if key in MODEL_KEYS)
+    return (f"{__doc__.strip()}\n\nThe trainer's settings, with their defaults:\n{source.rstrip()}\n\nThe model's "
+            f"settings (model.GPTConfig's fields, documented there), with the trainer's defaults:\n"
+            + textwrap.fill(model, width=116, initial_indent='    ', subsequent_indent='    '))
+
+
 def main(argv):
+    if '-h' in argv or '--help' in argv:
+        print(usage())
+        return 0
     dist = None
     try:
         cfg = parse_config(argv)
         dist, device = setup_distributed(cfg)
-        train(cfg, dist, device)
+        explicit = {arg[2:].partition('=')[0] for arg in argv if arg.startswith('--')}
+        train(cfg, dist, device, explicit)
     except UserError as error:
         # every process reports its own error: on a multi-node run the failing rank may not be rank 0
         prefix = f"[rank {dist.rank}] " if dist is not None and dist.ddp and not dist.master else ''
         print(f"{prefix}error: {error}", file=sys.stderr)
-        return 3 if isinstance(error, Diverged) else 1
+        return {Diverged: 3, Interrupted: 130}.get(type(error), 1)
+    except KeyboardInterrupt:
+        print("error: interrupted before training began; nothing was saved", file=sys.stderr)
+        return 130
     finally:
         if dist is not None and dist.ddp:
             torch.distributed.destroy_process_group()

@@ -40,7 +40,7 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_d
     assert train.main(argv) == 0
     cfg = train.parse_config(argv + ['--init_from=resume'])
     config = train.model_config(cfg, train.read_meta(char_data, 'shakespeare_char')['vocab_size'])
-    checkpoint = train.load_resume_checkpoint(cfg, config)
+    checkpoint = train.load_resume_checkpoint(cfg)
     assert {t.device.type for t in tensors(checkpoint)} == {'cpu'}
     with torch.device('meta'):
         model = GPT(config)
@@ -269,7 +269,7 @@ def test_resume_maps_the_checkpoint_so_that_the_processes_of_a_node_share_one_co
     argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2']
     assert train.main(argv) == 0
     cfg = train.parse_config(argv + ['--init_from=resume'])
-    checkpoint = train.load_resume_checkpoint(cfg, train.model_config(cfg, 65))
+    checkpoint = train.load_resume_checkpoint(cfg)
     with open('/proc/self/maps') as f:
         assert str(tmp_path / 'ckpt.pt') in f.read()  # in the page cache, not a private copy
     for key, value in read_checkpoint(tmp_path / 'ckpt.pt')['model'].items():
