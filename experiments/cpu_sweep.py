@@ -6,13 +6,14 @@ then eval_layers on the Pre-LN and LNS models.
     python data/shakespeare_char/prepare.py
     python experiments/cpu_sweep.py                # about an hour on 2 cores; finished runs are skipped on rerun
 
-Writes experiments/results/cpu_sweep.json (every run's final validation loss and curve, and mean +- std per
-scheme and depth), experiments/results/layers_<depth>.json (eval_layers on seed 0, pre against lns) and the
-figures in experiments/figures/. Training runs go to experiments/runs/cpu_sweep/; each run's log.jsonl and
+Prints the table and the numbers README quotes beside it. Writes experiments/results/cpu_sweep.json (every run's
+final validation loss and curve, and mean +- std per scheme and depth), experiments/results/layers_<depth>.json
+(eval_layers on seed 0, pre against lns) and the figures in experiments/figures/. Training runs go to experiments/runs/cpu_sweep/; each run's log.jsonl and
 train.out are committed, so the table can be recomputed from a clone (--no_train) and a rerun skips them.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -117,6 +118,34 @@ def plot_curves(args, runs):
     return path
 
 
+def compact(blocks):
+    """[4, 6, 7, 8] -> '4, 6-8'."""
+    spans = []
+    for block in blocks:
+        if spans and block == spans[-1][1] + 1:
+            spans[-1][1] = block
+        else:
+            spans.append([block, block])
+    return ', '.join(str(a) if a == b else f'{a}-{b}' for a, b in spans)
+
+
+def findings(args, table):
+    """The sentences README quotes, from the table and the layer analyses of seed 0 (pre against lns)."""
+    lines = []
+    for depth in args.depths:
+        pre, lns = table[f'{depth}/pre'], table[f'{depth}/lns']
+        if pre['mean'] is not None and lns['mean'] is not None:
+            lines.append(f"{depth} blocks: LNS minus Pre-LN, mean validation loss: {lns['mean'] - pre['mean']:+.4f} nats")
+        with open(os.path.join(args.results, f'layers_{depth}.json')) as f:
+            models = json.load(f)['models']
+        for model in models:
+            layers = model['layers']
+            cheap = [layer['block'] for layer in layers if layer['loss_drop'] < 0.002]
+            lines.append(f"{depth} blocks, {model['name']}: variance after the last block {layers[-1]['variance']:.2g}; "
+                         f"blocks whose removal costs under 0.002 nats: {compact(cheap) or 'none'} of {len(layers)}")
+    return lines
+
+
 def main(argv):
     args = parse_args(argv)
     require_prepared_data(args.data_dir)
@@ -139,6 +168,8 @@ def main(argv):
         folders = [os.path.relpath(run_dir(args, depth, scheme, args.seeds[0])) for scheme in ('pre', 'lns')]
         analyze_layers(folders, args.data_dir, depth, os.path.join(args.results, f'layers_{depth}.json'),
                        os.path.join(args.figures, f'deep{depth}'), threads)
+    for line in findings(args, table):
+        print(line)
     if failures:
         sys.exit(f"error: {len(failures)} run(s) failed; the first: {failures[0]}")
 
