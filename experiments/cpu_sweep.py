@@ -141,8 +141,10 @@ def findings(args, table):
         for model in models:
             layers = model['layers']
             cheap = [layer['block'] for layer in layers if layer['loss_drop'] < 0.002]
+            cheapest = min(layers, key=lambda layer: layer['loss_drop'])
             lines.append(f"{depth} blocks, {model['name']}: variance after the last block {layers[-1]['variance']:.2g}; "
-                         f"blocks whose removal costs under 0.002 nats: {compact(cheap) or 'none'} of {len(layers)}")
+                         f"blocks whose removal costs under 0.002 nats: {compact(cheap) or 'none'} of {len(layers)}; "
+                         f"the cheapest: block {cheapest['block']}, {cheapest['loss_drop']:.4f} nats")
     return lines
 
 
