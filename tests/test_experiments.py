@@ -393,3 +393,23 @@ def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_eac
     assert best['seeds'] == 5 and best['gap_mean'] == pytest.approx(1.59 - 1.60 + 0.001 * 0, abs=1e-9)
     assert best['bootstrap_95'][0] <= best['gap_mean'] <= best['bootstrap_95'][1]
     assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth.png').exists()
+
+
+def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
+    """README's every-scheme table is markdown_table of the committed cpu_sweep.json, and the sentences under it
+    quote findings() of the committed layer analyses."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'cpu_sweep.json')) as f:
+        sweep = json.load(f)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    args = cpu_sweep.parse_args(['--no_train'])
+    table = cpu_sweep.markdown_table(args, sweep['summary'])
+    assert table in readme
+    findings = '\n'.join(cpu_sweep.findings(args, sweep['summary']))
+    for quoted in ('+0.0496', '+0.0835', 'last block 0.031', 'last block 0.0079', 'last block 0.086',
+                   'last block 0.012', ': 7-12 of 12', ': 4, 6-24 of 24', 'block 6, 0.0249', 'block 7, 0.0021'):
+        assert quoted in findings, quoted
+    section = readme[readme.index('**Every scheme**'):readme.index('**When does LNS win?**')]
+    for quoted in ('0.031 against 0.0079', '0.086 against 0.012', '0.05 and 0.08 nats', 'blocks 7-12 of 12',
+                   '4 and 6-24 of 24', '0.0249 nats at 12 blocks and 0.0021 at 24'):
+        assert quoted in ' '.join(section.split()), quoted
