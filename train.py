@@ -510,7 +510,7 @@ def read_log(path):
     return records
 
 
-def print_startup(cfg, config, model, device, dist, changes):
+def print_startup(cfg, config, model, device, dist, changes=()):
     for name, settings in (('settings', {k: v for k, v in asdict(cfg).items() if k != 'model'}),
                            ('model', config.to_dict())):
         print(textwrap.fill(', '.join(f'{k}={v}' for k, v in settings.items()), width=116, initial_indent=f'{name}: ',
