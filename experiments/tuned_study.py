@@ -229,8 +229,8 @@ def findings(reports, beta2):
     lines = []
     for report in reports:
         for scheme, s in report['schemes'].items():
-            lines.append(f"{report['depth']} blocks, {scheme}: best {s['best_learning_rate']:g} at "
-                         f"{s['best_loss']:.4f} ({s['seeds_at_best']} seed(s)); within {TOLERANCE} nats: "
+            lines.append(f"{report['depth']} blocks, {scheme}: best rate {s['best_learning_rate']:g}, loss "
+                         f"{s['best_loss']:.4f} ({s['seeds_at_best']} seed(s)); rates within {TOLERANCE} nats: "
                          f"{', '.join(f'{r:g}' for r in s['within_tolerance'])}; more than {FAILED} above its best "
                          f"at: {', '.join(f'{r:g}' for r in s['fails_at']) or 'no rate of the grid'}")
         for mode, b in report['best_against_best'].items():
