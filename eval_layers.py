@@ -55,6 +55,7 @@ class LoadedModel:
     encode: Optional[Callable] = None   # text -> token ids, when a tokenizer is available offline
     decode: Optional[Callable] = None   # token ids -> text
     description: str = ''
+    chars: Optional[str] = None         # a character-level tokenizer's characters, in id order
     trained_on: Optional[str] = None    # the data folder the checkpoint was trained on, when it records one
     training_log: Optional[str] = None  # the run's log.jsonl beside the checkpoint, when there is one
 
@@ -86,7 +87,9 @@ def char_encode(chars, name):
     def encode(text):
         unknown = sorted(set(text) - set(index))
         if unknown:
-            raise UserError(f"the text has characters {''.join(unknown[:10])!r} that {name} never saw in training")
+            shown = repr(''.join(unknown[:10])) + (' and others' if len(unknown) > 10 else '')
+            raise UserError(f"the text has {len(unknown)} distinct character{'s' if len(unknown) > 1 else ''} "
+                            f"{shown} that {name} never saw in training")
         return [index[c] for c in text]
     return encode
 
@@ -102,10 +105,13 @@ def load_our_checkpoint(path, name, device):
     except ValueError as error:
         raise UserError(str(error)) from None
     meta = checkpoint.get('data_meta') or {}
-    tokenizer = meta.get('tokenizer', 'unknown')
+    tokenizer, chars = meta.get('tokenizer', 'unknown'), meta.get('chars')
     encode = decode = None
     if tokenizer == 'char':
-        encode, decode = char_encode(meta['chars'], name), char_decode(meta['chars'])
+        if not isinstance(chars, str):
+            raise UserError(f"{path} records a character tokenizer without its characters; it was not written by "
+                            f"train.py, or its data folder's meta.json lacked them")
+        encode, decode = char_encode(chars, name), char_decode(chars)
     elif tokenizer == 'gpt2':  # tiktoken's tables are loaded only when text is encoded or decoded
         encode, decode = (lambda text: gpt2_encode()(text)), gpt2_decode
     train_config = checkpoint.get('train_config') or {}
@@ -116,8 +122,8 @@ def load_our_checkpoint(path, name, device):
     description = (f"{config.arch} {config.norm_scheme}, {config.n_layer} blocks, {model.num_params():,} parameters, "
                    f"iteration {checkpoint.get('iter_num', '?')}")
     log = os.path.join(os.path.dirname(os.path.abspath(path)), 'log.jsonl')
-    return LoadedModel(name, model, tokenizer, encode, decode, description, trained_on,
-                       log if os.path.isfile(log) else None)
+    return LoadedModel(name, model, tokenizer, encode, decode, description, chars if tokenizer == 'char' else None,
+                       trained_on, log if os.path.isfile(log) else None)
 
 
 def load_hf_folder(folder, name, device):
@@ -129,7 +135,12 @@ def load_hf_folder(folder, name, device):
     with open(os.path.join(folder, 'config.json')) as f:
         model_type = json.load(f).get('model_type')
     tokenizer, encode, decode = os.path.basename(os.path.normpath(folder)), None, None
-    if os.path.exists(os.path.join(folder, 'tokenizer.json')):
+    chars = exported_chars(folder) if os.path.exists(os.path.join(folder, 'tokenizer.json')) else None
+    if chars is not None:
+        # hf.py's export of a character-level run, read with the run's own table: the tokenizers library would drop
+        # a character it never saw (in folders exported before hf.py made it refuse them), this table refuses it
+        tokenizer, encode, decode = 'char', char_encode(chars, name), char_decode(chars)
+    elif os.path.exists(os.path.join(folder, 'tokenizer.json')):
         # the folder's own tokenizer; GPT-2's (50257 tokens) reads the same ids as data prepared with tiktoken
         encode, decode, vocab_size = hf_tokenizer(folder)
         if model_type == 'gpt2' and vocab_size == 50257:
@@ -137,7 +148,26 @@ def load_hf_folder(folder, name, device):
     elif model_type == 'gpt2':
         tokenizer, encode, decode = 'gpt2', (lambda text: gpt2_encode()(text)), gpt2_decode
     description = f"Hugging Face {model_type}, {model.config.n_layer} blocks, {model.num_params():,} parameters"
-    return LoadedModel(name, model, tokenizer, encode, decode, description)
+    return LoadedModel(name, model, tokenizer, encode, decode, description, chars)
+
+
+def exported_chars(folder):
+    """The characters, in id order, of a folder's tokenizer.json when it is a character table as hf.py writes one (a
+    BPE whose vocabulary is single characters numbered 0..n-1, with no merges, normalizer or pre-tokenizer); else
+    None."""
+    path = os.path.join(folder, 'tokenizer.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            spec = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"cannot read {path} as JSON ({error}); export the model again") from None
+    model = spec.get('model') if isinstance(spec, dict) else None
+    vocab = model.get('vocab') if isinstance(model, dict) else None
+    if (not isinstance(vocab, dict) or model.get('type') != 'BPE' or model.get('merges') or spec.get('normalizer')
+            or spec.get('pre_tokenizer') or spec.get('added_tokens') or not all(len(c) == 1 for c in vocab)
+            or sorted(vocab.values()) != list(range(len(vocab)))):
+        return None
+    return ''.join(sorted(vocab, key=vocab.get))
 
 
 def hf_tokenizer(folder):
@@ -163,7 +193,7 @@ def load_model(spec, device, name=None):
         return load_our_checkpoint(spec, name, device)
     if os.path.isdir(spec):
         raise UserError(f"{spec} has neither ckpt.pt (a run of train.py) nor config.json (a Hugging Face model)")
-    if spec.count('/') == 1 and not spec.startswith(('.', '/')):
+    if spec.count('/') == 1 and not looks_local(spec):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -175,7 +205,15 @@ def load_model(spec, device, name=None):
             raise UserError(f"could not download {spec} from the hub ({type(error).__name__}); "
                             f"download it yourself and pass the folder") from None
         return load_hf_folder(folder, name, device)
-    raise UserError(f"{spec} does not exist; give a run folder, a ckpt.pt, a Hugging Face folder or a hub id")
+    raise UserError(f"{spec} does not exist (no such folder or file); give a run folder, a ckpt.pt, a Hugging Face "
+                    f"folder or a hub id (owner/name)")
+
+
+def looks_local(spec):
+    """Whether an 'owner/name' that does not exist here was meant as a local path, not a hub id: it starts with '.',
+    '/' or '~', ends in .pt, or its first folder exists here (out/lns2, when out/ exists, is a missing run, not a
+    model of a hub user named 'out')."""
+    return spec.startswith(('.', '/', '~')) or spec.endswith('.pt') or os.path.exists(spec.split('/')[0])
 
 
 def run_names(specs):
@@ -201,15 +239,41 @@ def run_names(specs):
 
 # ----------------------------------------------------------------------------- data
 
+def read_data_meta(folder):
+    """A prepared data folder's meta.json; UserError naming the file when it is not JSON or lacks a key read here."""
+    path = os.path.join(folder, 'meta.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error}); run the data's prepare.py again") from None
+    needed = ['tokenizer', 'vocab_size'] + (['chars'] if isinstance(meta, dict) and meta.get('tokenizer') == 'char'
+                                            else [])
+    missing = [key for key in needed if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise UserError(f"{path} has no {' or '.join(missing)}; run the data's prepare.py again")
+    return meta
+
+
+def char_difference(data_chars, model_chars):
+    """How two character tables differ, in words: the characters only one of them has, or their order."""
+    parts = [f"{len(only)} only in the {where} ({''.join(only[:10])!r})"
+             for only, where in ((sorted(set(data_chars) - set(model_chars)), 'data'),
+                                 (sorted(set(model_chars) - set(data_chars)), 'model')) if only]
+    return ', '.join(parts) or 'the same characters with other ids'
+
+
 def tokens_from_data_folder(folder, loaded, budget):
     meta_path, val_path = os.path.join(folder, 'meta.json'), os.path.join(folder, 'val.bin')
     if not (os.path.exists(meta_path) and os.path.exists(val_path)):
         raise UserError(f"{folder} is not a prepared data folder (meta.json and val.bin); run its prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if loaded.tokenizer != 'unknown' and meta.get('tokenizer') != loaded.tokenizer:
-        raise UserError(f"{folder} holds {meta.get('tokenizer')!r} tokens but {loaded.name} reads "
+    meta = read_data_meta(folder)
+    if loaded.tokenizer != 'unknown' and meta['tokenizer'] != loaded.tokenizer:
+        raise UserError(f"{folder} holds {meta['tokenizer']!r} tokens but {loaded.name} reads "
                         f"{loaded.tokenizer!r} tokens; pass --text FILE, or data prepared with its tokenizer")
+    if loaded.chars is not None and meta['chars'] != loaded.chars:
+        raise UserError(f"{folder}'s characters are not {loaded.name}'s: {char_difference(meta['chars'], loaded.chars)}"
+                        f"; pass --text FILE, or the data it was trained on")
     if meta['vocab_size'] > loaded.model.config.vocab_size:
         raise UserError(f"{folder} has {meta['vocab_size']} token ids but {loaded.name} only "
                         f"{loaded.model.config.vocab_size}; they were not made with the same tokenizer")
@@ -231,6 +295,11 @@ def tokens_from_text(path, loaded, budget):
     except UserError as error:
         raise UserError(f"{error}; use text from the same corpus or --data") from None
     return np.array(ids[:budget + 1], dtype=np.int64)
+
+
+def read_tokens(data, text, loaded, budget):
+    """The first budget + 1 tokens of the data folder's validation split, or of the text file."""
+    return tokens_from_data_folder(data, loaded, budget) if data else tokens_from_text(text, loaded, budget)
 
 
 def recorded_data_folder(loaded):
@@ -419,6 +488,7 @@ class Task:
     read: Callable          # path -> list of Example
     file: str               # the name of the download in TASK_CACHE
     url: str                # the benchmark's public file, or pages of rows from Hugging Face's dataset viewer
+    source: str             # the file in words, for a user who fetches it by hand
     paged: bool = False     # url serves JSON pages of rows (saved as jsonl), not a file
 
 
@@ -427,35 +497,45 @@ class Task:
 ARC_ROWS = 'https://datasets-server.huggingface.co/rows?dataset=allenai%2Fai2_arc&split=test&config='
 TASKS = {
     'hellaswag': Task(lambda path: records(path, 'hellaswag', parse_hellaswag), 'hellaswag_val.jsonl',
-                      'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
+                      'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl',
+                      "that file (hellaswag_val.jsonl of github.com/rowanz/hellaswag)"),
     'arc_easy': Task(lambda path: records(path, 'arc_easy', parse_arc), 'arc_easy_test.jsonl',
-                     ARC_ROWS + 'ARC-Easy', paged=True),
+                     ARC_ROWS + 'ARC-Easy', "ARC-Easy's test questions as jsonl (AI2's ARC-Easy-Test.jsonl, or the "
+                     "rows of the Hugging Face dataset allenai/ai2_arc)", paged=True),
     'arc_challenge': Task(lambda path: records(path, 'arc_challenge', parse_arc), 'arc_challenge_test.jsonl',
-                          ARC_ROWS + 'ARC-Challenge', paged=True),
-    'mmlu': Task(read_mmlu, 'mmlu_data.tar', 'https://people.eecs.berkeley.edu/~hendrycks/data.tar'),
+                          ARC_ROWS + 'ARC-Challenge', "ARC-Challenge's test questions as jsonl (AI2's "
+                          "ARC-Challenge-Test.jsonl, or the rows of the Hugging Face dataset allenai/ai2_arc)",
+                          paged=True),
+    'mmlu': Task(read_mmlu, 'mmlu_data.tar', 'https://people.eecs.berkeley.edu/~hendrycks/data.tar',
+                 "that file (MMLU's data.tar)"),
 }
 TASK_CACHE = os.path.join(HERE, 'data', 'tasks', 'downloads')
 
 
 def download(task, path):
-    """The task's file, downloaded once to path (written under another name, then renamed)."""
+    """The task's file, downloaded once to path (written under another name, then renamed; removed if it fails)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = path + '.partial'
-    with open(partial, 'wb') as f:
-        if task.paged:
-            offset, total = 0, 1
-            while offset < total:
-                with urllib.request.urlopen(f"{task.url}&offset={offset}&length=100", timeout=60) as response:
-                    page = json.load(response)
-                if not page['rows']:
-                    break
-                total = page['num_rows_total']
-                f.write(''.join(json.dumps(row['row']) + '\n' for row in page['rows']).encode())
-                offset += len(page['rows'])
-        else:
-            with urllib.request.urlopen(task.url, timeout=60) as response:
-                shutil.copyfileobj(response, f)
-    os.replace(partial, path)
+    try:
+        with open(partial, 'wb') as f:
+            if task.paged:
+                offset, total = 0, 1
+                while offset < total:
+                    with urllib.request.urlopen(f"{task.url}&offset={offset}&length=100", timeout=60) as response:
+                        page = json.load(response)
+                    if not page['rows']:
+                        break
+                    total = page['num_rows_total']
+                    f.write(''.join(json.dumps(row['row']) + '\n' for row in page['rows']).encode())
+                    offset += len(page['rows'])
+            else:
+                with urllib.request.urlopen(task.url, timeout=60) as response:
+                    shutil.copyfileobj(response, f)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
 
 
 def read_task(name, task_file, limit):
@@ -470,8 +550,8 @@ def read_task(name, task_file, limit):
         try:
             download(task, path)
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"could not download {name} from {task.url} ({error}); download the benchmark's file "
-                            f"yourself and pass --task_file") from None
+            raise UserError(f"could not download {name} from {task.url} ({error}); place {task.source} at {path}, "
+                            f"or pass --task_file FILE") from None
     try:
         examples = task.read(path)
     except (OSError, UnicodeDecodeError, tarfile.TarError) as error:
@@ -596,6 +676,15 @@ def format_table(results):
                     cells += f" {layer['acc']:>6.3f} {layer['acc_norm']:>8.3f}"
             row += f" | {'':{len(str(i)) + 2}}" + cells.ljust(sum(w + 1 for _, w in titles))
         lines.append(row.rstrip())
+    last_k = max(len(r.get('cumulative_drop', [])) for r in results)
+    if last_k:
+        header = f"{'last k':>6}" + ''.join(f" | [{i}] {'drop':>8}" for i in range(1, len(results) + 1))
+        lines += ['', 'drop: loss increase with the last k blocks removed together', header, '-' * len(header)]
+        for k in range(1, last_k + 1):
+            cells = [f"{r['cumulative_drop'][k - 1]['loss_drop']:>+8.4f}" if k <= len(r['cumulative_drop'])
+                     else ' ' * 8 for r in results]
+            lines.append((f"{k:>6}" + ''.join(f" | {'':{len(str(i)) + 2}} {cell}"
+                                              for i, cell in enumerate(cells, start=1))).rstrip())
     return '\n'.join(lines)
 
 
@@ -617,10 +706,21 @@ def with_error(value, stderr):
 
 
 def variance_during_training(log_path):
-    """The per-block residual variance train.py logged at each evaluation: [{'iter', 'block_variance'}, ...]."""
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in records if 'block_variance' in r]
+    """The per-block residual variance train.py logged at each evaluation: [{'iter', 'block_variance'}, ...]. A last
+    line cut short (a run killed mid-write, a full disk) is skipped with a note; UserError for any other bad line."""
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number != lines[-1][0]:
+                raise UserError(f"line {number} of {log_path} is not JSON; remove or repair it to plot the variance "
+                                f"during training") from None
+            print(f"note: skipped the last line of {log_path}, which was cut short", file=sys.stderr)
+    return [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in records
+            if isinstance(r, dict) and 'block_variance' in r]
 
 
 def write_plots(results, folder):
@@ -762,7 +862,7 @@ def parse_args(argv):
     parser.add_argument('--task', choices=sorted(TASKS), help='zero-shot multiple-choice accuracy per removed block')
     parser.add_argument('--task_file', help="a local copy of the task's file, in the benchmark's own format")
     parser.add_argument('--task_limit', type=int, help='evaluate this many examples, spread over the file')
-    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', ...")
+    parser.add_argument('--device', default='auto', help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--json', help='write every number, with the settings, to this file')
     parser.add_argument('--plot', help='write PNG figures into this folder')
@@ -770,6 +870,8 @@ def parse_args(argv):
     for name in ('tokens', 'batch_size', 'max_distance'):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if args.last_k < 0:
+        raise UserError("--last_k must be 0 or more")
     for name in ('block_size', 'task_limit'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -778,9 +880,42 @@ def parse_args(argv):
     return args
 
 
+def resolve_device(name):
+    """The torch device of --device ('auto': cuda when torch sees a GPU, else cpu), refused in train.py's words."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device=cpu")
+    return device
+
+
+def check_outputs(json_path, plot_folder):
+    """Refuses a --json or --plot that could not be written, before any model is measured: a --json whose folder
+    does not exist (it is not created, as a mistyped path should not be) and a --plot that is a file."""
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if os.path.isdir(json_path):
+            raise UserError(f"--json {json_path} is a folder; give the path of a file to write")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"--json {json_path} cannot be written: {folder} is not an existing folder that you may "
+                            f"write to; create it or choose another path")
+    if plot_folder:
+        existing = os.path.abspath(plot_folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"--plot {plot_folder} cannot be a folder: {existing} is a file; choose another path")
+        if not os.access(existing, os.W_OK):
+            raise UserError(f"--plot {plot_folder} cannot be written: you may not write to {existing}")
+
+
 def run(args):
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = resolve_device(args.device)
+    check_outputs(args.json, args.plot)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
     loaded = [load_model(spec, device, name) for spec, name in zip(args.models, run_names(args.models))]
     measure_loss = bool(args.data or args.text or not args.task)
@@ -790,22 +925,31 @@ def run(args):
         if measure_loss and block_size > m.model.config.block_size:
             raise UserError(f"--block_size {block_size} exceeds {m.name}'s block_size {m.model.config.block_size}")
     examples = read_task(args.task, args.task_file, args.task_limit) if args.task else None
+    # every model's windows, task requests and training log are read before any is measured, so that input one of
+    # them cannot read costs no measurement
+    model_windows = [windows(read_tokens(data, args.text, m, args.tokens), block_size) if measure_loss
+                     else (None, None) for m in loaded]
+    request_lists = [task_requests(examples, m, args.task, m.model.config.block_size) if examples else None
+                     for m in loaded]
+    variances = [variance_during_training(m.training_log) if m.training_log else None for m in loaded]
+    if not measure_loss:
+        print("note: with --task and neither --data nor --text, the loss analyses (layer drop, angular distance, "
+              "variance) are not run; add --data or --text to run them too", file=sys.stderr)
     results = []
-    for m in loaded:
+    for m, (x, y), requests, variance in zip(loaded, model_windows, request_lists, variances):
         result = {'name': m.name, 'description': m.description, 'tokenizer': m.tokenizer,
                   'norm_scheme': m.model.config.norm_scheme, 'arch': m.model.config.arch,
                   'n_layer': m.model.config.n_layer}
         if measure_loss:
-            tokens = tokens_from_data_folder(data, m, args.tokens) if data else tokens_from_text(args.text, m,
-                                                                                               args.tokens)
-            x, y = windows(tokens, block_size)
             print(f"{m.name}: {x.numel():,} tokens of {data or args.text} in {len(x)} windows of {block_size}",
                   file=sys.stderr)
+            if args.last_k > m.model.config.n_layer:
+                print(f"note: --last_k {args.last_k} exceeds {m.name}'s {m.model.config.n_layer} blocks; removing "
+                      f"its last 1..{m.model.config.n_layer}", file=sys.stderr)
             result.update(analyze(m.model, x, y, args.batch_size, device, autocast, args.max_distance, args.last_k))
-        if m.training_log:
-            result['variance_during_training'] = variance_during_training(m.training_log)
+        if variance is not None:
+            result['variance_during_training'] = variance
         if examples:
-            requests = task_requests(examples, m, args.task, m.model.config.block_size)
             print(f"{m.name}: {args.task}, {len(examples)} examples, {len(requests)} choices, "
                   f"{m.model.config.n_layer + 1} passes", file=sys.stderr)
             result['task'] = evaluate_task(m.model, args.task, examples, requests, args.batch_size, device, autocast)

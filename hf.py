@@ -37,6 +37,7 @@ GPT2_BPE_FILES = {
                    '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5'),
 }
 GPT2_END_OF_TEXT = 50256
+UNSEEN_CHARACTER = '<a character this model never saw in training>'
 # (ours, GPT-2's) names of the weights in each block
 GPT2_BLOCK_NAMES = [('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2'), ('attn.qkv', 'attn.c_attn'),
                     ('attn.proj', 'attn.c_proj'), ('mlp.fc', 'mlp.c_fc'), ('mlp.proj', 'mlp.c_proj')]
@@ -314,8 +315,11 @@ def write_tokenizer(folder, data_meta, block_size):
     except ImportError:
         return "no tokenizer files: pip install tokenizers to write them"
     if tokenizer == 'char':
-        # one token per character: a BPE with the characters as its vocabulary and no merges, decoded by joining
-        bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(data_meta['chars'])}, merges=[]))
+        # one token per character: a BPE with the characters as its vocabulary and no merges, decoded by joining.
+        # Its unknown token is not in the vocabulary, so that a character the model never saw makes encoding fail
+        # (tokenizers: "Unk token ... not found") instead of being dropped from the text without a word
+        bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(data_meta['chars'])}, merges=[],
+                                   unk_token=UNSEEN_CHARACTER))
         bpe.decoder = decoders.Fuse()
         bpe.save(os.path.join(folder, 'tokenizer.json'))
         settings = {'tokenizer_class': 'PreTrainedTokenizerFast'}
@@ -375,6 +379,7 @@ def to_hf(model, folder, data_meta=None):
                   metadata={'format': 'pt'})
         tokenizer_note = write_tokenizer(staging, data_meta, config.block_size)
         check_logits(model, staging)
+        follow_umask(staging)
         replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -396,6 +401,16 @@ def check_logits(model, folder):
                          f"nothing was written, please report this model's config")
 
 
+def follow_umask(folder):
+    """Gives the folder and its files the modes of any other output (0o777 and 0o666 less the umask), where
+    mkdtemp and safetensors create them readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def replace_folder(new, folder):
     """Moves `new` to `folder`; an existing export there is swapped out first and removed only after the move."""
     old = None
@@ -415,7 +430,7 @@ def replace_folder(new, folder):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', metavar='RUN_OR_CHECKPOINT', help='a run folder of train.py or a checkpoint file')
     parser.add_argument('folder', metavar='HF_FOLDER', help='the Hugging Face folder to write')
     args = parser.parse_args(argv)

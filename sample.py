@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from eval_layers import UserError, load_model
+from eval_layers import UserError, load_model, resolve_device
 
 
 @dataclass
@@ -92,11 +92,7 @@ def read_start(start):
 
 def sample(spec, cfg):
     """Prints cfg.num_samples texts, each the prompt followed by what the model writes after it."""
-    try:
-        device = torch.device('cuda' if cfg.device == 'auto' and torch.cuda.is_available() else
-                              'cpu' if cfg.device == 'auto' else cfg.device)
-    except RuntimeError:
-        raise UserError(f"--device {cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    device = resolve_device(cfg.device)
     loaded = load_model(spec, device)
     model = loaded.model.eval()
     skip_layers = parse_skip_layers(cfg.skip_layers, model.config.n_layer)
@@ -126,7 +122,16 @@ def sample(spec, cfg):
     return texts
 
 
+def usage():
+    """The module docstring and every option with its default."""
+    options = '\n'.join(f"    --{f.name}={f.default!r}" for f in fields(SampleConfig))
+    return f"usage: python sample.py MODEL [--key=value ...]\n{__doc__}\noptions, with their defaults:\n{options}"
+
+
 def main(argv):
+    if '-h' in argv or '--help' in argv:
+        print(usage())
+        return 0
     try:
         sample(*parse_options(argv))
     except UserError as error:

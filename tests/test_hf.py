@@ -264,6 +264,8 @@ def test_command_exports_a_run_with_its_character_tokenizer(tmp_path, capsys):
     text = 'ROMEO:\nWhat, ho!  my lord.'
     ids = tokenizer.encode(text)
     assert ids == [CHARS.index(c) for c in text] and tokenizer.decode(ids) == text
+    with pytest.raises(Exception, match='never saw in training'):  # not dropped: the digits are not in CHARS
+        tokenizer.encode('ROMEO: 1234')
     idx = torch.tensor([ids])
     with torch.no_grad():
         assert (stock(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4

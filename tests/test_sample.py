@@ -82,7 +82,7 @@ def test_a_prompt_file_and_an_exported_hugging_face_folder_give_the_same_text(ru
     (['--seed=x'], ["--seed expects an int, not 'x'"]),
     (['--seed'], ['malformed argument', '--key=value']),
     (['--topk=5'], ['unknown option --topk', '--top_k']),
-    (['--start=naïve'], ["characters 'ï'", 'never saw in training']),
+    (['--start=naïve'], ["1 distinct character 'ï' that lns never saw in training"]),
     (['--start=FILE:/no/such/prompt.txt'], ['cannot read the prompt file /no/such/prompt.txt']),
 ])
 def test_bad_options_end_in_one_sentence(run, capsys, options, words):
