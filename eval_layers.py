@@ -38,13 +38,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from configurator import UserError
 from model import GPT, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints its one-sentence message and exits non-zero."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from configurator import UserError
 from model import GPT, GPTConfig, read_checkpoint
 
 
@@ -122,10 +123,6 @@ COURSE = ('dataset', 'block_size', 'global_batch_size', 'batch_size', 'gradient_
           'min_lr', 'dtype', 'seed', 'eval_iters', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
-
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints its one-sentence message and exits non-zero."""
 
 
 class Diverged(UserError):
