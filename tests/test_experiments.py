@@ -322,13 +322,16 @@ README_RECIPES = {'ours': 'base', 'norm gains frozen at 1': 'frozen_gains',
 
 
 def test_readme_quotes_the_recipe_study_as_its_no_train_pass_wrote_it():
-    """Every row of README's study table (but the GPU control, which is another folder's), and the numbers of the
-    sentences around it that are cheap to find, against the committed recipe_study.json."""
+    """Every row of the study's table in experiments/README.md (but the GPU control, which is another folder's), and
+    the numbers of the sentences around it and of README's conclusion that are cheap to find, against the committed
+    recipe_study.json."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'recipe_study.json')) as f:
         study = json.load(f)
     with open(os.path.join(ROOT, 'README.md')) as f:
         readme = f.read()
-    table = readme[readme.index('| blocks | lr | recipe |'):].split('\n\n')[0].splitlines()[2:]
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = f.read()
+    table = write_up[write_up.index('| blocks | lr | recipe |'):].split('\n\n')[0].splitlines()[2:]
     cells = {(c['depth'], c['width'], c['learning_rate'], c['factor']): c for c in study['cells']}
 
     def loss(stats):
@@ -349,11 +352,11 @@ def test_readme_quotes_the_recipe_study_as_its_no_train_pass_wrote_it():
     assert checked == len(study['cells'])
     findings = '\n'.join(study['findings'])
     assert 'ranges from 3.1x (6 blocks, 0.001) to 182x (24 blocks, 0.03)' in findings
-    assert '3.1x to 182x less variance' in readme and '3.1x (6 blocks, 1e-3) to 182x (24 blocks, 3e-2)' in readme
+    assert '3.1x to 182x less variance' in readme and '3.1x (6 blocks, 1e-3) to 182x (24 blocks, 3e-2)' in write_up
     assert 'best against best (lns - pre) -0.0092' in findings and 'best against best (lns - pre) -0.0040' in findings
     assert 'best against best (lns - pre) +0.0322' in findings and 'LNS lower by 0.009 and 0.004' in readme
     assert 'gap at iteration 4800: -0.0112 +- 0.0140 (3 seeds)' in findings
-    assert '-0.011 ± 0.014 at step 4,800' in readme
+    assert '-0.011 ± 0.014 at step 4,800' in write_up
     assert 'moved by 0.0064 on average and 0.0198 at most' in findings
 
 
@@ -396,20 +399,23 @@ def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_eac
 
 
 def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
-    """README's every-scheme table is markdown_table of the committed cpu_sweep.json, and the sentences under it
-    quote findings() of the committed layer analyses."""
+    """The every-scheme table of experiments/README.md is markdown_table of the committed cpu_sweep.json, and the
+    sentences under it (and README's conclusion) quote findings() of the committed layer analyses."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'cpu_sweep.json')) as f:
         sweep = json.load(f)
     with open(os.path.join(ROOT, 'README.md')) as f:
         readme = f.read()
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = f.read()
     args = cpu_sweep.parse_args(['--no_train'])
     table = cpu_sweep.markdown_table(args, sweep['summary'])
-    assert table in readme
+    assert table in write_up
     findings = '\n'.join(cpu_sweep.findings(args, sweep['summary']))
     for quoted in ('+0.0496', '+0.0835', 'last block 0.031', 'last block 0.0079', 'last block 0.086',
                    'last block 0.012', ': 7-12 of 12', ': 4, 6-24 of 24', 'block 6, 0.0249', 'block 7, 0.0021'):
         assert quoted in findings, quoted
-    section = readme[readme.index('**Every scheme**'):readme.index('**When does LNS win?**')]
+    section = write_up[write_up.index('## Every scheme'):write_up.index('## When does LNS win?')]
     for quoted in ('0.031 against 0.0079', '0.086 against 0.012', '0.05 and 0.08 nats', 'blocks 7-12 of 12',
                    '4 and 6-24 of 24', '0.0249 nats at 12 blocks and 0.0021 at 24'):
         assert quoted in ' '.join(section.split()), quoted
+    assert '0.05 and 0.08 nats' in ' '.join(readme.split())
