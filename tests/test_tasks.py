@@ -1,5 +1,6 @@
-"""eval_layers.py --task: benchmark files in their own formats (written here), prompts as the common harnesses build
-them, log-likelihoods against a token-by-token computation, and acc / acc_norm against hand-made scores."""
+"""tasks.py, the benchmarks of eval_layers.py --task: benchmark files in their own formats (written here), prompts as
+the common harnesses build them, log-likelihoods against a token-by-token computation, and acc / acc_norm against
+hand-made scores."""
 
 import copy
 import io
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 import eval_layers
-from eval_layers import Example, accuracies, choice_loglikelihoods, read_task, task_requests
+import tasks
 from model import GPT, GPTConfig
+from tasks import Example, accuracies, choice_loglikelihoods, evaluate_task, read_task, task_requests
 
 # printable ASCII and the newline: every character of the files below
 CHARS = '\n' + ''.join(chr(c) for c in range(32, 127))
@@ -179,7 +181,7 @@ def test_each_removed_block_gives_the_accuracy_of_a_model_built_without_it(tmp_p
     examples = read_task('hellaswag', str(write_jsonl(tmp_path / 'h.jsonl', records)), None)
     requests = task_requests(examples, loaded(model), 'hellaswag', model.config.block_size)
     cpu = torch.device('cpu')
-    result = eval_layers.evaluate_task(model, 'hellaswag', examples, requests, 4, cpu, nullcontext(), progress=False)
+    result = evaluate_task(model, 'hellaswag', examples, requests, 4, cpu, nullcontext(), progress=False)
     full_scores = choice_loglikelihoods(model, requests, 4, cpu, nullcontext())
     assert {k: result[k] for k in ('acc', 'acc_norm')} == {k: accuracies(examples, full_scores)[k]
                                                            for k in ('acc', 'acc_norm')}
@@ -221,8 +223,8 @@ def test_paged_rows_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
                 'num_rows_total': 130}
         return io.BytesIO(json.dumps(page).encode())
 
-    monkeypatch.setattr(eval_layers, 'TASK_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setattr(eval_layers.urllib.request, 'urlopen', fake_urlopen)
+    monkeypatch.setattr(tasks, 'TASK_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(tasks.urllib.request, 'urlopen', fake_urlopen)
     examples = read_task('arc_easy', None, None)
     assert len(examples) == 130 and len(requested) == 2 and 'config=ARC-Easy' in requested[0]
     assert sorted(os.listdir(tmp_path / 'cache')) == ['arc_easy_test.jsonl']
@@ -233,8 +235,8 @@ def test_a_failed_download_ends_in_one_sentence_naming_task_file(tmp_path, monke
     def offline(url, timeout):
         raise OSError('network is unreachable')
 
-    monkeypatch.setattr(eval_layers, 'TASK_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setattr(eval_layers.urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(tasks, 'TASK_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(tasks.urllib.request, 'urlopen', offline)
     assert eval_layers.main([save_checkpoint(model, tmp_path / 'run'), '--task', 'hellaswag', '--device', 'cpu']) == 1
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith('error: ')]

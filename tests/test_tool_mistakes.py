@@ -13,6 +13,7 @@ import torch
 import eval_layers
 import hf
 import sample
+import tasks
 from model import GPT, GPTConfig
 
 TASK = {'activity_label': 'Baking', 'ctx_a': 'A woman puts a tray into the oven.', 'ctx_b': 'she', 'label': 1,
@@ -269,12 +270,12 @@ def test_a_failed_download_leaves_no_partial_file_and_names_where_to_put_it(run,
     def offline(url, timeout):
         raise OSError('network is unreachable')
 
-    monkeypatch.setattr(eval_layers, 'TASK_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setattr(eval_layers.urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(tasks, 'TASK_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(tasks.urllib.request, 'urlopen', offline)
     assert evaluate([str(run), '--task', 'arc_easy']) == 1
     error = one_error(capsys.readouterr().err)
     assert os.listdir(tmp_path / 'cache') == []
-    assert eval_layers.TASKS['arc_easy'].url in error and 'ARC-Easy-Test.jsonl' in error, error
+    assert tasks.TASKS['arc_easy'].url in error and 'ARC-Easy-Test.jsonl' in error, error
     assert f"at {tmp_path / 'cache' / 'arc_easy_test.jsonl'}, or pass --task_file" in error, error
 
 
