@@ -213,16 +213,14 @@ def folded_state_dict(model):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for i, block in enumerate(model.blocks):
         prefix = f'blocks.{i}.'
-        # the plain floats model.Block multiplies by (1/sqrt(l) under LNS, as its lns_position says; else 1)
-        attn_norm_factor, mlp_norm_factor = block.attn_norm_scale, block.mlp_norm_scale
-        output_factor = block.sublayer_lns_scale
-        for norm, factor in (('attn_norm', attn_norm_factor), ('mlp_norm', mlp_norm_factor)):
+        # the LNS factors model.Block multiplies by: plain floats, 1/sqrt(l) where its lns_position puts them, else 1
+        for norm, factor in (('attn_norm', block.attn_lns_scale), ('mlp_norm', block.mlp_lns_scale)):
             for kind in ('weight', 'bias'):
                 if prefix + f'{norm}.{kind}' in state:
                     state[prefix + f'{norm}.{kind}'] *= factor
         for sublayer in ('attn', 'mlp'):
             # branch output = (W z + b) * gain * factor, so W's rows and b take gain * factor
-            gain = state.pop(prefix + f'{sublayer}_gain', torch.tensor(1.0)).float() * output_factor
+            gain = state.pop(prefix + f'{sublayer}_gain', torch.tensor(1.0)).float() * block.sublayer_lns_scale
             weight = state[prefix + f'{sublayer}.proj.weight']
             state[prefix + f'{sublayer}.proj.weight'] = (weight.float() * gain.reshape(-1, 1)).to(weight.dtype)
             if prefix + f'{sublayer}.proj.bias' in state:

@@ -139,11 +139,6 @@ class GPTConfig:
         return cls(**{**values, 'lns_position': EARLIER_LNS_POSITIONS.get(position, position)} if position else values)
 
 
-def lns_scale(config, index):
-    """The LayerNorm Scaling factor of block l = index (1-based): 1/sqrt(l) under lns, else 1."""
-    return 1.0 / math.sqrt(index) if config.norm_scheme == 'lns' else 1.0
-
-
 def block_layout(config, index):
     """Where block l = index puts its norms: 'norm_before' each sublayer (pre, lns, mix after the boundary),
     'norm_after' each residual addition (post, deepnorm, mix's first floor(mix_ratio * L) blocks) or
@@ -249,17 +244,16 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(config), MLP(config)
         if self.layout == 'norm_around':
             self.attn_out_norm, self.mlp_out_norm = Norm(config), Norm(config)
-        # LayerNorm Scaling's 1/sqrt(l) (1 under other schemes), on both norm outputs (lns_position 'both_norms',
-        # the method), on one of them ('attn_norm', 'mlp_norm'), or on the sublayer outputs instead ('sublayer')
-        self.lns_scale = lns_scale(config, index)
-        position = config.lns_position
-        factors = (self.lns_scale if position in ('both_norms', 'attn_norm') else 1.0,
-                   self.lns_scale if position in ('both_norms', 'mlp_norm') else 1.0)
-        # lns_mode 'gain_init': the same factors become the norms' initial weights (init_weights), which then train
+        # LayerNorm Scaling, every factor a plain float outside the state dict (1 where LNS is off)
+        self.lns_scale = 1.0 / math.sqrt(index) if config.norm_scheme == 'lns' else 1.0
+        # lns_position (paper Table 8): on both norm outputs (the method), on one of them, or on A(.) and F(.) instead
+        attn_factor = self.lns_scale if config.lns_position in ('both_norms', 'attn_norm') else 1.0
+        mlp_factor = self.lns_scale if config.lns_position in ('both_norms', 'mlp_norm') else 1.0
+        self.sublayer_lns_scale = self.lns_scale if config.lns_position == 'sublayer' else 1.0
+        # lns_mode 'gain_init': the factors are the norms' initial weights instead (init_weights), which then train
         gain_init = config.lns_mode == 'gain_init'
-        self.attn_norm_scale, self.mlp_norm_scale = (1.0, 1.0) if gain_init else factors
-        self.norm_weight_init = factors if gain_init else (1.0, 1.0)
-        self.sublayer_lns_scale = self.lns_scale if position == 'sublayer' else 1.0
+        self.attn_lns_scale, self.mlp_lns_scale = (1.0, 1.0) if gain_init else (attn_factor, mlp_factor)
+        self.norm_weight_init = (attn_factor, mlp_factor) if gain_init else (1.0, 1.0)
         self.deepnorm_alpha = deepnorm_constants(config.n_layer)[0] if config.norm_scheme == 'deepnorm' else 1.0
         # learnable gains on the residual branches: LayerScale per channel, SkipInit one scalar
         self.attn_gain = self.mlp_gain = None
@@ -273,22 +267,22 @@ class Block(nn.Module):
 
     def forward(self, x, rope):
         if self.layout == 'norm_before':  # pre, lns, and mix after its boundary
-            # pre: h = x + A(N(x));           y = h + F(N(h))
-            # lns: h = x + A(N(x) / sqrt(l)); y = h + F(N(h) / sqrt(l))   (the *_norm_scale; 1 under pre)
-            h = x + self.branch(self.attn(self.attn_norm(x) * self.attn_norm_scale, rope), self.attn_gain)
-            return h + self.branch(self.mlp(self.mlp_norm(h) * self.mlp_norm_scale), self.mlp_gain)
+            # h = x + A(N(x) * lns_scale); y = h + F(N(h) * lns_scale)   (lns_scale: 1/sqrt(l) under lns, 1 under pre)
+            h = x + self.residual_branch(self.attn(self.attn_norm(x) * self.attn_lns_scale, rope), self.attn_gain)
+            return h + self.residual_branch(self.mlp(self.mlp_norm(h) * self.mlp_lns_scale), self.mlp_gain)
         if self.layout == 'norm_after':  # post and mix's first blocks (a = 1); deepnorm (a = (2L)^(1/4))
             # h = N(a*x + A(x)); y = N(a*h + F(h))
             a = self.deepnorm_alpha
-            h = self.attn_norm(a * x + self.branch(self.attn(x, rope), self.attn_gain))
-            return self.mlp_norm(a * h + self.branch(self.mlp(h), self.mlp_gain))
+            h = self.attn_norm(a * x + self.residual_branch(self.attn(x, rope), self.attn_gain))
+            return self.mlp_norm(a * h + self.residual_branch(self.mlp(h), self.mlp_gain))
         # peri: h = x + N2(A(N1(x))); y = h + N4(F(N3(h)))
-        h = x + self.branch(self.attn_out_norm(self.attn(self.attn_norm(x), rope)), self.attn_gain)
-        return h + self.branch(self.mlp_out_norm(self.mlp(self.mlp_norm(h))), self.mlp_gain)
+        h = x + self.residual_branch(self.attn_out_norm(self.attn(self.attn_norm(x), rope)), self.attn_gain)
+        return h + self.residual_branch(self.mlp_out_norm(self.mlp(self.mlp_norm(h))), self.mlp_gain)
 
-    def branch(self, y, gain):
-        """What a sublayer adds to the residual stream: its output after dropout, times the learnable gain
-        (layerscale, skipinit) and the sublayer LNS factor when those are on."""
+    def residual_branch(self, y, gain):
+        """What a sublayer's output y adds to the residual stream: dropout(y) * gain * sublayer_lns_scale, each
+        factor multiplied only where it is on (gain: layerscale or skipinit; sublayer_lns_scale: lns_position
+        'sublayer')."""
         y = self.dropout(y)
         if gain is not None:
             y = y * gain
@@ -296,7 +290,7 @@ class Block(nn.Module):
 
     def effective_norm_gain(self):
         """The mean gain of the block's norms as the residual stream feels it: weight times the LNS factor."""
-        gains = [self.attn_norm.weight * self.attn_norm_scale, self.mlp_norm.weight * self.mlp_norm_scale]
+        gains = [self.attn_norm.weight * self.attn_lns_scale, self.mlp_norm.weight * self.mlp_lns_scale]
         if self.layout == 'norm_around':
             gains += [self.attn_out_norm.weight, self.mlp_out_norm.weight]
         return sum(gain.float().mean().item() for gain in gains) / len(gains)

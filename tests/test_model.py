@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, Norm, apply_rope, lns_scale, rope_cos_sin
+from model import GPT, GPTConfig, Norm, apply_rope, rope_cos_sin
 from reference import randomize, reference_logits, tiny_config, tokens
 
 ARCHS = ['gpt', 'llama']
@@ -55,14 +55,14 @@ def test_lns_factor_is_a_plain_float_outside_the_state_dict():
     model = GPT(tiny_config('llama', 'lns', n_layer=6))
     for depth, block in enumerate(model.blocks, start=1):
         assert type(block.lns_scale) is float and block.lns_scale == 1 / math.sqrt(depth)
-        assert block.attn_norm_scale == block.mlp_norm_scale == block.lns_scale and block.sublayer_lns_scale == 1.0
+        assert block.attn_lns_scale == block.mlp_lns_scale == block.lns_scale and block.sublayer_lns_scale == 1.0
     assert not any('scale' in name for name in model.state_dict())
     # building on the meta device and materialising it (as large runs do) cannot wipe a Python float
     with torch.device('meta'):
         meta_model = GPT(tiny_config('llama', 'lns', n_layer=6))
     meta_model.to_empty(device='cpu')
     assert [b.lns_scale for b in meta_model.blocks] == [b.lns_scale for b in model.blocks]
-    assert all(lns_scale(tiny_config('llama', 'pre'), depth) == 1.0 for depth in range(1, 7))
+    assert all(block.lns_scale == 1.0 for block in GPT(tiny_config('llama', 'pre', n_layer=6)).blocks)
 
 
 @pytest.mark.parametrize('arch', ARCHS)

@@ -246,11 +246,11 @@ def test_lns_gain_init_gains_are_trained_without_weight_decay_and_move_as_fast_a
         decayed = {id(p) for group in optimizer.param_groups if group['weight_decay'] > 0 for p in group['params']}
         gains = [p for block in model.blocks for p in (block.attn_norm.weight, block.mlp_norm.weight)]
         assert all(p.requires_grad and id(p) not in decayed for p in gains)
-        before = [block.attn_norm.weight.detach() * block.attn_norm_scale for block in model.blocks]
+        before = [block.attn_norm.weight.detach() * block.attn_lns_scale for block in model.blocks]
         _, loss = model(tokens(model.config), tokens(model.config, seed=2))
         loss.backward()
         optimizer.step()
-        after = [block.attn_norm.weight.detach() * block.attn_norm_scale for block in model.blocks]
+        after = [block.attn_norm.weight.detach() * block.attn_lns_scale for block in model.blocks]
         moved[mode] = [(end - start).abs().mean().item() for start, end in zip(before, after)]
     for l in range(1, 5):
         assert moved['gain_init'][l - 1] == pytest.approx(1e-2, rel=1e-3)
