@@ -3,14 +3,14 @@ Steady-state training speed of a config: ms per step, tokens/s, MFU and peak mem
 
     python bench.py [config/file.py ...] [--key=value ...] [--steps=20] [--warmup=5]
     python bench.py --n_layer=12 --n_embd=128 --compile=True
-    python bench.py --table [--json FILE]     # README's table: two configs, eager and compiled, every scheme
+    python bench.py --table [--json FILE]     # experiments/README.md's table: two configs, eager and compiled, every scheme
     python bench.py --paper [--json FILE]     # on a GPU: the paper configs at their per-GPU micro-batch
     python bench.py --memory                  # estimated memory per GPU of each paper config at 1-16 GPUs
 
 Takes train.py's settings (batch_size, block_size, gradient_accumulation_steps, model knobs, device, dtype,
 compile) and times full optimizer steps on random tokens, so no dataset is needed (its vocabulary size is used
 when it is prepared, else GPT-2's 50,304). MFU is measured against the
-GPU's datasheet peak (train.PEAK_FLOPS) or, on a CPU, against the float32 matmul rate measured here first.
+GPU's datasheet peak (configurator.PEAK_FLOPS) or, on a CPU, against the float32 matmul rate measured here first.
 """
 
 import json
@@ -23,10 +23,12 @@ import time
 
 import torch
 
+import configurator
+import dataloader
 import train
 from model import GPT, NORM_SCHEMES
 
-# the configs of README's table: the default training run, and a wider model with longer sequences
+# the configs of experiments/README.md's table: the default training run, and a wider model with longer sequences
 TABLE_CONFIGS = {
     'small: Llama 12 x 128, 16 x 64 tokens': [],
     'medium: Llama 12 x 384, 8 x 256 tokens': ['--n_embd=384', '--n_head=6', '--block_size=256', '--batch_size=8'],
@@ -63,7 +65,7 @@ def split_bench_args(argv):
 
 def bench(cfg, steps, warmup):
     """Times `steps` training steps of cfg's model after `warmup` more; the result as a dict (see main)."""
-    device = train.resolve_device(cfg.device, train.Distributed())
+    device = configurator.resolve_device(cfg.device, configurator.Distributed())
     cfg = train.resolve_batch(cfg, world_size=1)  # one process: a global batch runs as its micro-steps
     model, step = training_step_on_random_tokens(cfg, device)
     warmup_start = time.perf_counter()
@@ -83,26 +85,26 @@ def training_step_on_random_tokens(cfg, device):
     """(model, step): the model cfg describes, built as train.py builds it, and a function that runs the
     trainer's own optimizer step on fixed random tokens and waits for the device."""
     try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
-        vocab_size = train.read_meta(train.resolve_data_dir(cfg), cfg.dataset)['vocab_size']
+        vocab_size = dataloader.read_meta(dataloader.resolve_data_dir(cfg), cfg.dataset)['vocab_size']
     except train.UserError:
         vocab_size = 50304
     config = train.model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
     model, optimizer, autocast, scaler = train.build_model(cfg, config, device)
-    train_model = train.wrap_for_training(model, cfg, train.Distributed(), device)  # compiled as in training
+    train_model = train.wrap_for_training(model, cfg, configurator.Distributed(), device)  # compiled as in training
     batches = [torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
                for _ in range(cfg.gradient_accumulation_steps)]
 
     def step():
         micro_batches = ((batch[:, :-1], batch[:, 1:]) for batch in batches)
         loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, micro_batches, cfg,
-                                   train.Distributed(), need_grad_norm=False)
+                                   configurator.Distributed(), need_grad_norm=False)
         return loss.item()  # waits for the device
     return model, step
 
 
 def report(cfg, model, device, warmup_seconds, seconds_per_step):
-    device_name, peak = train.peak_flops(device, cfg.dtype)
+    device_name, peak = configurator.peak_flops(device, cfg.dtype)
     peak_source = f"datasheet {'TF32' if cfg.dtype == 'float32' else '16-bit'} peak"
     if peak is None:
         peak, peak_source = measured_matmul_flops(device), 'measured float32 matmul'

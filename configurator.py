@@ -1,7 +1,191 @@
 """
-The settings of every script, from config files and --key=value arguments; the one error a user can fix; devices.
+The settings of every script, from config files and --key=value arguments; the one error a user can fix; the
+processes, devices and precisions a run uses.
 """
+
+import ast
+import datetime
+import os
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
 
 
 class UserError(Exception):
     """A problem the user can fix; each script's main() prints its one-sentence message and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+def read_settings(argv, setting_types, files=True):
+    """{setting: value} from command-line arguments: config files (when `files`) and --key=value, applied in order
+    (a file that overrides an earlier --key=value is announced); each value checked against setting_types, a
+    {name: type} of the script's settings."""
+    values, given = {}, {}  # given: the value of each --key=value so far
+    for arg in argv:
+        if arg.startswith('--'):
+            key, has_value, raw = arg[2:].partition('=')
+            if not has_value or not key:
+                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
+            values[key] = given[key] = check_value(key, parse_literal(raw, setting_types.get(key)), f"--{key}",
+                                                   setting_types)
+        elif files and arg.endswith('.py'):
+            for key, value in read_config_file(arg).items():
+                values[key] = check_value(key, value, arg, setting_types)
+                if key in given and given.pop(key) != values[key] and os.environ.get('RANK', '0') == '0':
+                    print(f"note: {arg} sets {key}={values[key]!r} over the earlier --{key}; arguments apply in "
+                          f"order, so give --key=value after the config files")
+        else:
+            raise UserError(f"unexpected argument {arg!r}; give " + ("a config file ending in .py or " if files else '')
+                            + "--key=value")
+    return values
+
+
+def read_config_file(path):
+    """The plain assignments of a Python config file, as a dict (names starting with _ and modules ignored)."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), {}, namespace)
+    except Exception as error:
+        raise UserError(f"config file {path} failed to run: {type(error).__name__}: {error}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+
+
+def parse_literal(raw, declared):
+    """The value a --key=value's text stands for: the text itself for a str setting, else True/False/None (any
+    case) or a Python literal, else the text (which check_value then refuses, naming what was expected)."""
+    if declared is not None and str in (get_args(declared) or (declared,)):
+        return raw
+    words = {'true': True, 'false': False, 'none': None}
+    if raw.lower() in words:
+        return words[raw.lower()]
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def check_value(key, value, source, setting_types):
+    """Returns value as the type declared for key (an int is fine for a float); UserError otherwise."""
+    if key not in setting_types:
+        raise UserError(f"unknown setting {key!r} in {source}; known settings are: {', '.join(setting_types)}")
+    declared = setting_types[key]
+    for kind in get_args(declared) or (declared,):
+        if kind is type(None) and value is None:
+            return None
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            continue
+        if kind is not type(None) and isinstance(value, kind):
+            return value
+    names = [t.__name__ for t in get_args(declared) or (declared,)]
+    expected = ' or '.join('None' if n == 'NoneType' else 'an int' if n == 'int' else f"a {n}" for n in names)
+    raise UserError(f"{key} expects {expected}, but {source} gives {value!r}")
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
+
+
+def mixed_precision(dtype, device, tf32=True):
+    """(autocast context, grad scaler) for dtype; also sets whether float32 matmuls on a GPU may use TF32 (a CPU's
+    float32 stays exact)."""
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
+        device.type, dtype=getattr(torch, dtype))
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    ddp: bool = False  # launched by torchrun: the model is wrapped in DDP, even with one process
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    """(Distributed, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) joins the process group: NCCL when
+    the resolved device is a GPU, gloo otherwise (so --device=cpu works under torchrun on a GPU node)."""
+    if 'RANK' not in os.environ:
+        return Distributed(), resolve_device(cfg.device, Distributed())
+    dist = Distributed(int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE']), True)
+    device = resolve_device(cfg.device, dist)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    # an explicit timeout: how long a process waits in a collective (for a slow rank, a long evaluation) before
+    # the job fails, instead of NCCL's default of 10 minutes
+    torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
+                                         timeout=datetime.timedelta(minutes=cfg.ddp_timeout_minutes))
+    return dist, device
+
+
+def resolve_device(name, dist=None):
+    """The torch device --device names ('auto': cuda when torch sees a GPU, else cpu; 'cuda' under torchrun: this
+    process's GPU); UserError for a name torch does not know or a GPU that is not there."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and dist is not None and dist.ddp:
+        name = f'cuda:{dist.local_rank}'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device=cpu")
+    return device
+
+
+def synchronize(device):
+    """Waits for the GPU's queued work; only where the loop waits anyway (logging, evaluating, saving)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def all_reduce(tensor, dist, op=None):
+    """The tensor reduced over all processes (sum by default), in place; the tensor itself in a single process."""
+    if dist.ddp:
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+# dense tensor-core peaks of one GPU in FLOP/s, from the vendors' datasheets: (the words of the device name, the
+# 16-bit peak (bf16, or fp16 where the GPU has no bf16), the TF32 peak). A key matches when all its words are whole
+# words of the name, so 'L4' does not match 'NVIDIA L40S'; longer keys are tried first.
+PEAK_FLOPS = [(('H200', 'NVL'), 835e12, 418e12), (('H200',), 989e12, 495e12),
+              (('H100', 'PCIe'), 756e12, 378e12), (('H100', 'NVL'), 835e12, 418e12), (('H100',), 989e12, 495e12),
+              (('A100',), 312e12, 156e12), (('L40S',), 362e12, 183e12), (('L40',), 181e12, 90e12),
+              (('L4',), 121e12, 60e12), (('A10',), 125e12, 62e12), (('V100',), 125e12, None)]
+
+
+NO_BF16 = ('V100',)  # Volta has fp16 tensor cores only: bf16 runs without them
+
+
+def peak_flops(device, dtype='bfloat16'):
+    """(name, peak FLOP/s for dtype's matmuls) of the device, with peak None where unknown (every CPU, unlisted
+    GPUs, bf16 on a V100, float32 on GPUs without TF32)."""
+    if device.type != 'cuda':
+        return 'cpu', None
+    name = torch.cuda.get_device_name(device)
+    words = set(name.replace('-', ' ').split())
+    for key, half, tf32 in PEAK_FLOPS:
+        if set(key) <= words:
+            if dtype == 'float32':
+                return name, tf32
+            return name, None if 'bfloat16' in dtype and key[0] in NO_BF16 else half
+    return name, None

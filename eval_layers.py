@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError
+from configurator import UserError, resolve_device
 from model import GPT, read_checkpoint
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
@@ -621,19 +621,6 @@ def parse_args(argv):
     if (args.task_file or args.task_limit) and not args.task:
         raise UserError("--task_file and --task_limit need --task NAME")
     return args
-
-
-def resolve_device(name):
-    """The torch device of --device ('auto': cuda when torch sees a GPU, else cpu), refused in train.py's words."""
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device=cpu")
-    return device
 
 
 def check_outputs(json_path, plot_folder):

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from eval_layers import UserError, load_model, resolve_device
+from configurator import UserError, resolve_device
+from eval_layers import load_model
 
 
 @dataclass

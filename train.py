@@ -6,36 +6,31 @@ Trains a GPT or Llama model (model.py) on a prepared token dataset (data/<datase
     torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py   # DDP on 8 GPUs
 
 The trainer's settings are the fields of TrainConfig below, their defaults the documentation; the model's are
-model.GPTConfig's fields, set by name the same way. train() below is the whole loop; the pieces it calls follow it
-in the order it calls them.
+model.GPTConfig's fields, set by name the same way. train() below is the whole loop; the set-up, step and evaluation
+it calls follow it, in that order. Beside this file: dataloader.py (the data and its batches), checkpoint.py (the
+run folder: checkpoints, log, resume) and configurator.py (settings, processes, devices).
 """
 
-import ast
-import datetime
-import glob
-import hashlib
 import importlib.util
 import inspect
-import json
 import math
 import os
-import shutil
 import sys
 import textwrap
-import threading
 import time
-import types
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Optional, get_args, get_type_hints
+from typing import Optional, get_type_hints
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError
-from model import GPT, GPTConfig, read_checkpoint
+from checkpoint import CheckpointWriter, append_log, delete_run, existing_run, load_resume_checkpoint, \
+    restore_rng_state, rng_state, truncate_log
+from configurator import (DTYPES, UserError, all_reduce, mixed_precision, peak_flops, read_settings,
+                          setup_distributed, synchronize)
+from dataloader import TokenData, check_data, data_fingerprint, read_meta, resolve_data_dir, train_batches
+from model import GPT, GPTConfig
 
 
 @dataclass
@@ -115,13 +110,11 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'block_size']
 SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items() if key in MODEL_KEYS},
                  'vocab_size': Optional[int],
                  **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
-DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
 # the settings that set a run's course: on resume the checkpoint's values stay unless the command line gives one
 # (--key=value), and the start-up says what changed; the model's settings must match the checkpoint's
 COURSE = ('dataset', 'block_size', 'global_batch_size', 'batch_size', 'gradient_accumulation_steps', 'learning_rate',
           'max_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'decay_lr', 'warmup_iters', 'lr_decay_iters',
           'min_lr', 'dtype', 'seed', 'eval_iters', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
-CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
 
@@ -140,7 +133,7 @@ def train(cfg, dist, device, explicit=()):
     `explicit` (those the command line gave) are the only ones that may change the run's course."""
     checkpoint, changes = None, []
     if cfg.init_from == 'resume':
-        checkpoint = load_resume_checkpoint(cfg)
+        checkpoint = load_resume_checkpoint(cfg.out_dir)
         cfg, changes = continue_run(cfg, checkpoint, explicit, dist.world_size)
         if checkpoint['iter_num'] >= cfg.max_iters:
             if dist.master:
@@ -288,26 +281,7 @@ def check_inputs(cfg, dist, checkpoint=None):
     if meta['vocab_size'] > config.vocab_size:
         raise UserError(f"dataset {cfg.dataset!r} has {meta['vocab_size']} token ids but the model's vocab_size is "
                         f"{config.vocab_size}; raise vocab_size or leave it unset")
-    rows = meta.get('layout', 'packed') == 'rows'
-    if rows and cfg.block_size != meta['row_length']:
-        raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
-                        f"{cfg.block_size}; set block_size={meta['row_length']}")
-    for split in ('train', 'val'):
-        size = os.path.getsize(os.path.join(data_dir, f'{split}.bin'))
-        if size % 2:
-            raise UserError(f"{split}.bin in {data_dir} is {size:,} bytes, not whole 2-byte tokens (a copy cut "
-                            f"short?); prepare the data again")
-        tokens = open_tokens(data_dir, split)
-        if rows and len(tokens) % meta['row_length']:
-            raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
-                            f"prepare the data again")
-        if len(tokens) <= cfg.block_size:
-            raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {cfg.block_size}; "
-                            f"lower block_size or prepare more data")
-        largest = int(tokens[:CHECKED_TOKENS].max())  # a prefix: enough to catch data from another tokenizer
-        if largest >= config.vocab_size:
-            raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
-                            f"{config.vocab_size}; prepare the data again or raise vocab_size")
+    check_data(data_dir, meta, cfg.block_size, config.vocab_size)
     fingerprint = data_fingerprint(data_dir)
     problem = out_dir_problem(cfg) if dist.master else None  # only rank 0 writes there
     if dist.ddp:  # each node reads its own copy of the data: a different one would draw an inconsistent batch
@@ -337,25 +311,6 @@ def out_dir_problem(cfg):
     return None
 
 
-RUN_FILES = ('ckpt.pt', 'ckpt-*.pt', 'ckpt*.tmp', 'log.jsonl')  # what a run leaves in out_dir
-
-
-def existing_run(out_dir):
-    """What of a run out_dir holds, in words ('ckpt.pt, log.jsonl to iteration 300'), or None."""
-    found = sorted({os.path.basename(path) for pattern in RUN_FILES
-                    for path in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
-    if not found:
-        return None
-    iters = [record['iter'] for record in read_log(os.path.join(out_dir, 'log.jsonl'))]
-    return ', '.join(found) + (f" to iteration {max(iters)}" if iters else '')
-
-
-def delete_run(out_dir):
-    for pattern in RUN_FILES:
-        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
-            os.remove(path)
-
-
 def resolve_batch(cfg, world_size):
     """cfg for world_size processes: batch_size the micro-batch, gradient_accumulation_steps the micro-steps of all
     processes together (their product the global batch), authors_eval_batch_size set. With global_batch_size, each
@@ -374,19 +329,6 @@ def resolve_batch(cfg, world_size):
     share = total // world_size
     micro_batch = max(b for b in range(1, min(cfg.batch_size, share) + 1) if share % b == 0)
     return replace(cfg, batch_size=micro_batch, gradient_accumulation_steps=share // micro_batch * world_size)
-
-
-def load_resume_checkpoint(cfg):
-    """out_dir/ckpt.pt, loaded into CPU memory: RNG states must stay CPU tensors (set_rng_state takes no others),
-    and no GPU holds a second copy of the weights and optimizer state. Memory-mapped, so that the processes of a
-    node share one copy in the page cache instead of reading one each."""
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
-    try:
-        return read_checkpoint(ckpt_path, mmap=True)
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 def continue_run(cfg, checkpoint, explicit, world_size):
@@ -446,16 +388,6 @@ def build_model(cfg, config, device):
     return model, optimizer, autocast, scaler
 
 
-def mixed_precision(dtype, device, tf32=True):
-    """(autocast context, grad scaler) for dtype; also sets whether float32 matmuls on a GPU may use TF32 (a CPU's
-    float32 stays exact)."""
-    if device.type == 'cuda':
-        torch.set_float32_matmul_precision('high' if tf32 else 'highest')
-    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
-        device.type, dtype=getattr(torch, dtype))
-    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
-
-
 def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path):
     """Weights, optimizer, scaler and RNG states from a checkpoint loaded on the CPU, and the log cut back to its
     iteration; (iter_num, best_val_loss)."""
@@ -470,41 +402,6 @@ def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_
         truncate_log(log_path, checkpoint['iter_num'])
         print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {checkpoint['iter_num']}")
     return checkpoint['iter_num'], checkpoint['best_val_loss']
-
-
-def restore_rng_state(state, sampler):
-    sampler.set_state(state['sampler'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def truncate_log(path, last_iter):
-    """Drops log records after last_iter (written by a run that died after its last checkpoint), and a last line
-    that a kill cut short."""
-    records = [record for record in read_log(path) if record['iter'] <= last_iter]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(record) + '\n' for record in records)
-    os.replace(tmp, path)
-
-
-def read_log(path):
-    """The records of a log.jsonl ([] when there is none). A last line cut short (a kill or a full disk mid-write)
-    is left out, with a word; a damaged line before it is a UserError naming it."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for number, line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != lines[-1][0]:
-                raise UserError(f"line {number} of {path} is not a JSON record; mend or delete that line") from None
-            print(f"note: the last line of {path} was cut short (a run killed mid-write); it is left out")
-    return records
 
 
 def print_startup(cfg, config, model, device, dist, changes=()):
@@ -525,150 +422,6 @@ def print_startup(cfg, config, model, device, dist, changes=()):
           f"x {micro_steps} micro-step(s) x {cfg.batch_size} sequences; {tokens_per_iter:,} tokens per step; "
           f"{model.flops_per_token(cfg.block_size):,} FLOPs per token")
     print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
-
-
-# ----------------------------------------------------------------------------- data
-
-def resolve_data_dir(cfg):
-    return cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', cfg.dataset)
-
-
-def read_meta(data_dir, dataset):
-    """meta.json of a prepared dataset; UserError naming the prepare command when it is missing."""
-    paths = [os.path.join(data_dir, name) for name in ('meta.json', 'train.bin', 'val.bin')]
-    missing = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
-    if missing:
-        raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); "
-                        f"run: python data/{dataset}/prepare.py")
-    try:
-        with open(paths[0]) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{paths[0]} is not valid JSON ({error}); run: python data/{dataset}/prepare.py") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise UserError(f"{paths[0]} gives no vocab_size; run: python data/{dataset}/prepare.py")
-    return meta
-
-
-def data_fingerprint(data_dir, pieces=64, piece_bytes=1 << 16):
-    """A digest of a prepared dataset that is quick to take on tens of GB: meta.json, each split's size, and
-    `pieces` evenly spread pieces of each split."""
-    digest = hashlib.sha256()
-    with open(os.path.join(data_dir, 'meta.json'), 'rb') as f:
-        digest.update(f.read())
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        size = os.path.getsize(path)
-        digest.update(str(size).encode())
-        with open(path, 'rb') as f:
-            for piece in range(pieces):
-                f.seek(piece * max(0, size - piece_bytes) // (pieces - 1))
-                digest.update(f.read(piece_bytes))
-    return digest.hexdigest()
-
-
-def open_tokens(data_dir, split):
-    # a fresh memmap on every call: a long-lived one keeps pages resident and grows memory (nanoGPT's lesson)
-    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-
-
-class TokenData:
-    """A prepared dataset in one of the two layouts its meta.json names (data/c4/prepare.py writes both):
-    - 'packed': documents end to end; a sequence is a window at a random offset, drawn with replacement;
-    - 'rows': the authors' layout, one document per row of row_length tokens, right-padded; a sequence is a whole
-      row, with no loss where the target is a pad, and the rows are visited in a shuffled order without
-      replacement, a new order for each pass (like the authors' one-pass stream)."""
-
-    def __init__(self, data_dir, meta, seed):
-        self.dir, self.seed = data_dir, seed
-        self.layout = meta.get('layout', 'packed')
-        self.row_length, self.pad_id = meta.get('row_length'), meta.get('pad_id')
-        self._order = (None, None)  # (pass, its row order): the pass in use
-
-    def tokens(self, split):
-        tokens = open_tokens(self.dir, split)
-        return tokens.reshape(-1, self.row_length) if self.layout == 'rows' else tokens
-
-    def train_sequences(self, iter_num, count, block_size, sampler):
-        """Where the `count` sequences of iteration iter_num's global batch start: token offsets drawn from the
-        sampler (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
-        if self.layout == 'packed':
-            return random_offsets(self.tokens('train'), count, block_size, sampler)
-        n_rows = len(self.tokens('train'))
-        positions = iter_num * count + np.arange(count)
-        rows = np.empty(count, dtype=np.int64)
-        for data_pass in np.unique(positions // n_rows):
-            here = positions // n_rows == data_pass
-            rows[here] = self.row_order(data_pass, n_rows)[positions[here] % n_rows]
-        return torch.from_numpy(rows)
-
-    def row_order(self, data_pass, n_rows):
-        if self._order[0] != data_pass:  # int32: half the memory of numpy's default at 51M rows, the same order
-            rows = np.arange(n_rows, dtype=np.int32)
-            self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(rows))
-        return self._order[1]
-
-    def eval_batches(self, split, cfg, generator):
-        """The fixed evaluation batches of split, as (sequences, GPU) pairs: eval_iters batches at random places
-        (GPU 0); for the rows layout's validation split with eval_tokens set, the authors' evaluation set as their
-        run read it: the rows in a fixed shuffled order dealt out in turn to authors_eval_gpus GPUs, each reading
-        batches of authors_eval_batch_size rows until its non-pad tokens times the GPU count exceed eval_tokens."""
-        tokens = self.tokens(split)
-        if self.layout == 'packed':
-            return [(random_offsets(tokens, cfg.batch_size, cfg.block_size, generator), 0)
-                    for _ in range(cfg.eval_iters)]
-        if split != 'val' or not cfg.eval_tokens:
-            return [(torch.randint(len(tokens), (cfg.batch_size,), generator=generator), 0)
-                    for _ in range(cfg.eval_iters)]
-        order = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))
-        gpus, size = cfg.authors_eval_gpus, cfg.authors_eval_batch_size
-        batches = []
-        for gpu in range(gpus):
-            share, counted = order[gpu::gpus], 0
-            for start in range(0, len(share) - size + 1, size):
-                if counted * gpus > cfg.eval_tokens:
-                    break
-                batch = share[start:start + size]
-                counted += int((tokens[np.sort(batch)] != self.pad_id).sum())
-                batches.append((torch.from_numpy(batch), gpu))
-            if counted * gpus <= cfg.eval_tokens:
-                raise UserError(f"val.bin in {self.dir} holds too few rows for eval_tokens={cfg.eval_tokens:,} as "
-                                f"{gpus} GPU(s) read it in batches of {size} ({counted * gpus:,} non-pad tokens on "
-                                f"GPU {gpu}); lower eval_tokens or prepare more validation data")
-        return batches
-
-    def read(self, split, starts, block_size, device):
-        """Inputs and targets (batch, sequence) int64 on the device (pinned and copied without waiting on a GPU)."""
-        tokens = self.tokens(split)
-        if self.layout == 'packed':
-            windows = np.stack([tokens[i:i + block_size + 1] for i in starts.numpy()])
-            windows = torch.from_numpy(windows.astype(np.int64))
-            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        else:
-            x = torch.from_numpy(tokens[starts.numpy()].astype(np.int64))
-            y = torch.full_like(x, -1)
-            y[:, :-1] = x[:, 1:]
-            y[y == self.pad_id] = -1  # pads carry no loss; the row's last position has no next token
-        return to_device(x, device), to_device(y, device)
-
-
-def random_offsets(tokens, count, block_size, generator):
-    return torch.randint(len(tokens) - block_size, (count,), generator=generator)
-
-
-def to_device(x, device):
-    if device.type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
-def train_batches(iter_num, sampler, data, device, cfg, dist):
-    """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
-    sequences of the whole global batch and takes its own share of the micro-steps."""
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
-    mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
-    return (data.read('train', batch, cfg.block_size, device) for batch in mine)
 
 
 # ----------------------------------------------------------------------------- one step, health and speed
@@ -882,206 +635,12 @@ def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, con
                      'data_meta': data[0], 'data_fingerprint': data[1], 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
 
 
-def rng_state(sampler):
-    state = {'sampler': sampler.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-class CheckpointWriter:
-    """Saves checkpoints in the background: save() copies the state into CPU memory (all that training waits for),
-    then a thread writes it with save_checkpoint, atomically, while training goes on. One write at a time: a save
-    waits for the previous write, and close() for the last one. A failed write raises on the next save or close."""
-
-    def __init__(self, out_dir, keep_last_n, log_path):
-        self.out_dir, self.keep_last_n, self.log_path = out_dir, keep_last_n, log_path
-        self.thread, self.error = None, None
-
-    def save(self, state):
-        self.wait()
-        start = time.perf_counter()
-        state = to_cpu(state)  # copies: the live tensors keep changing while the thread writes
-        copy_seconds = time.perf_counter() - start
-        self.thread = threading.Thread(target=self._write, args=(state, copy_seconds), name='checkpoint-writer')
-        self.thread.start()
-
-    def _write(self, state, copy_seconds):
-        try:
-            start = time.perf_counter()
-            save_checkpoint(self.out_dir, state, self.keep_last_n)
-            write_seconds = time.perf_counter() - start
-            print(f"saved ckpt.pt at iteration {state['iter_num']}: {copy_seconds:.2f} s copying to CPU memory "
-                  f"(training waited), {write_seconds:.2f} s writing in the background")
-            append_log(self.log_path, {'iter': state['iter_num'], 'checkpoint_copy_seconds': copy_seconds,
-                                       'checkpoint_write_seconds': write_seconds})
-        except BaseException as error:  # handed to the training thread
-            self.error = error
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise UserError(f"writing a checkpoint to {self.out_dir} failed: {error}") from error
-
-    def close(self):
-        self.wait()
-
-
-def to_cpu(state):
-    """A copy of a (nested) state dict with every tensor copied into CPU memory."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to('cpu', copy=True)
-    if isinstance(state, dict):
-        return {key: to_cpu(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(to_cpu(value) for value in state)
-    return state
-
-
-def save_checkpoint(out_dir, state, keep_last_n=0):
-    """Writes out_dir/ckpt.pt atomically, keeping the keep_last_n previous ones as ckpt-<iter>.pt."""
-    numbered = os.path.join(out_dir, f"ckpt-{state['iter_num']:07d}.pt")
-    write_atomically(numbered, state)
-    latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt.pt.tmp')
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(numbered, tmp)  # a second name for the same file: no copy
-    except OSError:
-        shutil.copyfile(numbered, tmp)
-    os.replace(tmp, latest)
-    # the newest numbered file is ckpt.pt itself; beyond it keep keep_last_n
-    numbered_files = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
-    keep = numbered_files[-(keep_last_n + 1):] if keep_last_n else []
-    for old in set(numbered_files) - set(keep):
-        os.remove(old)
-
-
-def write_atomically(path, state):
-    """torch.save to a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- processes and devices
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    ddp: bool = False  # launched by torchrun: the model is wrapped in DDP, even with one process
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def setup_distributed(cfg):
-    """(Distributed, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) joins the process group: NCCL when
-    the resolved device is a GPU, gloo otherwise (so --device=cpu works under torchrun on a GPU node)."""
-    if 'RANK' not in os.environ:
-        return Distributed(), resolve_device(cfg.device, Distributed())
-    dist = Distributed(int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE']), True)
-    device = resolve_device(cfg.device, dist)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    # an explicit timeout: how long a process waits in a collective (for a slow rank, a long evaluation) before
-    # the job fails, instead of NCCL's default of 10 minutes
-    torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
-                                         timeout=datetime.timedelta(minutes=cfg.ddp_timeout_minutes))
-    return dist, device
-
-
-def resolve_device(name, dist):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda' and dist.ddp:
-        name = f'cuda:{dist.local_rank}'
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device=cpu")
-    return device
-
-
-def synchronize(device):
-    """Waits for the GPU's queued work; only where the loop waits anyway (logging, evaluating, saving)."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def all_reduce(tensor, dist, op=None):
-    """The tensor reduced over all processes (sum by default), in place; the tensor itself in a single process."""
-    if dist.ddp:
-        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-# dense tensor-core peaks of one GPU in FLOP/s, from the vendors' datasheets: (the words of the device name, the
-# 16-bit peak (bf16, or fp16 where the GPU has no bf16), the TF32 peak). A key matches when all its words are whole
-# words of the name, so 'L4' does not match 'NVIDIA L40S'; longer keys are tried first.
-PEAK_FLOPS = [(('H200', 'NVL'), 835e12, 418e12), (('H200',), 989e12, 495e12),
-              (('H100', 'PCIe'), 756e12, 378e12), (('H100', 'NVL'), 835e12, 418e12), (('H100',), 989e12, 495e12),
-              (('A100',), 312e12, 156e12), (('L40S',), 362e12, 183e12), (('L40',), 181e12, 90e12),
-              (('L4',), 121e12, 60e12), (('A10',), 125e12, 62e12), (('V100',), 125e12, None)]
-
-
-NO_BF16 = ('V100',)  # Volta has fp16 tensor cores only: bf16 runs without them
-
-
-def peak_flops(device, dtype='bfloat16'):
-    """(name, peak FLOP/s for dtype's matmuls) of the device, with peak None where unknown (every CPU, unlisted
-    GPUs, bf16 on a V100, float32 on GPUs without TF32)."""
-    if device.type != 'cuda':
-        return 'cpu', None
-    name = torch.cuda.get_device_name(device)
-    words = set(name.replace('-', ' ').split())
-    for key, half, tf32 in PEAK_FLOPS:
-        if set(key) <= words:
-            if dtype == 'float32':
-                return name, tf32
-            return name, None if 'bfloat16' in dtype and key[0] in NO_BF16 else half
-    return name, None
-
-
-_log_lock = threading.Lock()  # the checkpoint writer's thread logs too
-
-
-def append_log(path, record):
-    with _log_lock, open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 # ----------------------------------------------------------------------------- configuration
 
 def parse_config(argv):
     """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order (a file
     that overrides an earlier --key=value is announced)."""
-    values, given = {}, {}  # given: the value of each --key=value so far
-    for arg in argv:
-        if arg.startswith('--'):
-            key, has_value, raw = arg[2:].partition('=')
-            if not has_value or not key:
-                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
-            values[key] = given[key] = check_value(key, _parse_literal(key, raw), f"--{key}")
-        elif arg.endswith('.py'):
-            for key, value in read_config_file(arg).items():
-                values[key] = check_value(key, value, arg)
-                if key in given and given.pop(key) != values[key] and os.environ.get('RANK', '0') == '0':
-                    print(f"note: {arg} sets {key}={values[key]!r} over the earlier --{key}; arguments apply in "
-                          f"order, so give --key=value after the config files")
-        else:
-            raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
+    values = read_settings(argv, SETTING_TYPES)
     if values.get('global_batch_size') is not None and 'gradient_accumulation_steps' in values:
         raise UserError(f"global_batch_size ({values['global_batch_size']}) fixes the sequences per step and the "
                         f"trainer derives the micro-steps from it; drop gradient_accumulation_steps (lower batch_size "
@@ -1119,55 +678,6 @@ RANGES = {
     'learning_rate': POSITIVE,
     **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),
 }
-
-
-def check_value(key, value, source):
-    """Returns value as the type declared for key (an int is fine for a float); UserError otherwise."""
-    if key not in SETTING_TYPES:
-        raise UserError(f"unknown setting {key!r} in {source}; known settings are: {', '.join(SETTING_TYPES)}")
-    declared = SETTING_TYPES[key]
-    for kind in get_args(declared) or (declared,):
-        if kind is type(None) and value is None:
-            return None
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, bool):
-            continue
-        if kind is not type(None) and isinstance(value, kind):
-            return value
-    raise UserError(f"{key} expects {_describe(declared)}, but {source} gives {value!r}")
-
-
-def _describe(annotation):
-    names = [t.__name__ for t in get_args(annotation) or (annotation,)]
-    return ' or '.join('None' if n == 'NoneType' else f"a {n}" if n != 'int' else 'an int' for n in names)
-
-
-def _parse_literal(key, raw):
-    if key in SETTING_TYPES and str in (get_args(SETTING_TYPES[key]) or (SETTING_TYPES[key],)):
-        return raw
-    words = {'true': True, 'false': False, 'none': None}
-    if raw.lower() in words:
-        return words[raw.lower()]
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # check_value then names what was expected
-
-
-def read_config_file(path):
-    """The plain assignments of a Python config file, as a dict (names starting with _ and modules ignored)."""
-    try:
-        with open(path) as f:
-            source = f.read()
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
-    namespace = {}
-    try:
-        exec(compile(source, path, 'exec'), {}, namespace)
-    except Exception as error:
-        raise UserError(f"config file {path} failed to run: {type(error).__name__}: {error}") from None
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
 
 
 def model_config(cfg, vocab_size):

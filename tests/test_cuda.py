@@ -12,6 +12,9 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import configurator
+import dataloader
 import train
 from conftest import ROOT, read_log
 from test_rows import write_rows
@@ -84,16 +87,16 @@ def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compil
     cfg = train.parse_config(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',
                               f"--block_size={meta['row_length']}", '--gradient_accumulation_steps=2', '--grad_clip=0',
                               '--device=cuda', f'--dtype={dtype}', f'--compile={compiled}', f'--data_dir={tmp_path}'])
-    device, dist = torch.device('cuda'), train.Distributed()
+    device, dist = torch.device('cuda'), configurator.Distributed()
     model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, meta['vocab_size']), device)
     train_model = train.wrap_for_training(model, cfg, dist, device)
-    data, sampler = train.TokenData(str(tmp_path), meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    data, sampler = dataloader.TokenData(str(tmp_path), meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
     health = train.TrainingHealth(device)
 
     def step(iter_num):
         for group in optimizer.param_groups:
             group['lr'] = train.get_lr(iter_num, cfg)
-        batches = train.train_batches(iter_num, sampler, data, device, cfg, dist)
+        batches = dataloader.train_batches(iter_num, sampler, data, device, cfg, dist)
         loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
                                    need_grad_norm=False)
         health.record(loss, iter_num)
@@ -112,7 +115,7 @@ def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compil
 
 
 def test_background_save_copies_gpu_tensors_before_training_changes_them(tmp_path):
-    writer = train.CheckpointWriter(str(tmp_path), 0, str(tmp_path / 'log.jsonl'))
+    writer = checkpoint.CheckpointWriter(str(tmp_path), 0, str(tmp_path / 'log.jsonl'))
     weights = torch.ones(1 << 20, device='cuda')
     writer.save({'model': {'w': weights}, 'model_config': {}, 'iter_num': 1})
     weights.mul_(3)

@@ -12,13 +12,17 @@ import pytest
 import torch
 
 import bench
+import checkpoint
+import configurator
+import dataloader
 import train
 from conftest import ROOT, read_log
 from model import GPT, GPTConfig, read_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
-OUR_FILES = {os.path.abspath(train.__file__), os.path.abspath(sys.modules['model'].__file__)}
+OUR_FILES = {os.path.abspath(module.__file__)
+             for module in (train, checkpoint, configurator, dataloader, sys.modules['model'])}
 
 
 def tensors(value):
@@ -39,18 +43,18 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_d
     argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2']
     assert train.main(argv) == 0
     cfg = train.parse_config(argv + ['--init_from=resume'])
-    config = train.model_config(cfg, train.read_meta(char_data, 'shakespeare_char')['vocab_size'])
-    checkpoint = train.load_resume_checkpoint(cfg)
-    assert {t.device.type for t in tensors(checkpoint)} == {'cpu'}
+    config = train.model_config(cfg, dataloader.read_meta(char_data, 'shakespeare_char')['vocab_size'])
+    saved = checkpoint.load_resume_checkpoint(cfg.out_dir)
+    assert {t.device.type for t in tensors(saved)} == {'cpu'}
     with torch.device('meta'):
         model = GPT(config)
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'meta')
     sampler = torch.Generator()
-    _, scaler = train.mixed_precision('float32', torch.device('cpu'))
-    restored = train.restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, train.Distributed(),
+    _, scaler = configurator.mixed_precision('float32', torch.device('cpu'))
+    restored = train.restore_state(saved, model, optimizer, scaler, sampler, cfg, configurator.Distributed(),
                                    str(tmp_path / 'log.jsonl'))
-    assert restored == (2, checkpoint['best_val_loss'])
-    assert torch.equal(sampler.get_state(), checkpoint['rng'][0]['sampler'])
+    assert restored == (2, saved['best_val_loss'])
+    assert torch.equal(sampler.get_state(), saved['rng'][0]['sampler'])
 
 
 class SyncCounter:
@@ -75,22 +79,22 @@ class SyncCounter:
 @pytest.mark.parametrize('extra', [[], ['--gradient_accumulation_steps=2', '--grad_clip=1.0', '--dropout=0.1']])
 def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatch, char_data, extra):
     cfg = train.parse_config(TINY + [f'--data_dir={char_data}'] + extra)
-    config = train.model_config(cfg, train.read_meta(char_data, 'shakespeare_char')['vocab_size'])
+    config = train.model_config(cfg, dataloader.read_meta(char_data, 'shakespeare_char')['vocab_size'])
     model = GPT(config)
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'cpu')
-    autocast, scaler = train.mixed_precision('float32', torch.device('cpu'))
+    autocast, scaler = configurator.mixed_precision('float32', torch.device('cpu'))
     health = train.TrainingHealth(torch.device('cpu'))
     counter = SyncCounter(monkeypatch)
     for iter_num in range(3):
-        data = train.TokenData(char_data, train.read_meta(char_data, 'shakespeare_char'), cfg.seed)
-        batches = train.train_batches(iter_num, torch.Generator(), data, torch.device('cpu'), cfg, train.Distributed())
+        data = dataloader.TokenData(char_data, dataloader.read_meta(char_data, 'shakespeare_char'), cfg.seed)
+        batches = dataloader.train_batches(iter_num, torch.Generator(), data, torch.device('cpu'), cfg, configurator.Distributed())
         loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, batches, cfg,
-                                           train.Distributed(), need_grad_norm=False)
+                                           configurator.Distributed(), need_grad_norm=False)
         health.record(loss, iter_num)
     assert counter.calls == []
     assert loss.dim() == 0 and (grad_norm is None) == (cfg.grad_clip == 0)
     # the check made when logging does read the device, and finds the run healthy
-    assert 0 < health.check(3, train.Distributed(), os.devnull) < 10 and counter.calls
+    assert 0 < health.check(3, configurator.Distributed(), os.devnull) < 10 and counter.calls
 
 
 def test_the_first_non_finite_iteration_is_found_without_reading_each_step():
@@ -98,7 +102,7 @@ def test_the_first_non_finite_iteration_is_found_without_reading_each_step():
     for iter_num, loss in enumerate([2.0, 1.5, float('nan'), 1.0, float('inf')]):
         health.record(torch.tensor(loss), iter_num)
     with pytest.raises(train.Diverged, match='at iteration 2;'):
-        health.check(5, train.Distributed(), os.devnull)
+        health.check(5, configurator.Distributed(), os.devnull)
 
 
 def test_the_model_can_drop_its_logits_when_only_the_loss_is_needed():
@@ -111,14 +115,14 @@ def test_the_model_can_drop_its_logits_when_only_the_loss_is_needed():
 
 def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeypatch):
     release, writing = threading.Event(), threading.Event()
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def slow_save(*args):
         writing.set()
         release.wait(30)
         real_save(*args)
-    monkeypatch.setattr(train, 'save_checkpoint', slow_save)
-    writer = train.CheckpointWriter(str(tmp_path), 0, str(tmp_path / 'log.jsonl'))
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', slow_save)
+    writer = checkpoint.CheckpointWriter(str(tmp_path), 0, str(tmp_path / 'log.jsonl'))
     weights = torch.ones(4)
     writer.save({'model': {'w': weights}, 'model_config': {}, 'iter_num': 7})
     assert writing.wait(30) and not (tmp_path / 'ckpt.pt').exists()  # save() returned while the write waits
@@ -133,7 +137,7 @@ def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeyp
 
 def test_a_failed_background_write_is_reported_in_one_sentence(tmp_path):
     (tmp_path / 'out').write_text('a file where the run folder should be')
-    writer = train.CheckpointWriter(str(tmp_path / 'out'), 0, str(tmp_path / 'log.jsonl'))
+    writer = checkpoint.CheckpointWriter(str(tmp_path / 'out'), 0, str(tmp_path / 'log.jsonl'))
     writer.save({'model': {}, 'model_config': {}, 'iter_num': 1})
     with pytest.raises(train.UserError, match='writing a checkpoint to .* failed'):
         writer.close()
@@ -170,7 +174,7 @@ def test_the_distributed_backend_follows_the_chosen_device_not_the_machine(monke
     for key, value in {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
                        'MASTER_PORT': str(free_port())}.items():
         monkeypatch.setenv(key, value)
-    dist, device = train.setup_distributed(train.parse_config(['--device=cpu', '--ddp_timeout_minutes=7']))
+    dist, device = configurator.setup_distributed(train.parse_config(['--device=cpu', '--ddp_timeout_minutes=7']))
     try:
         assert dist.ddp and device == torch.device('cpu')
         assert torch.distributed.get_backend() == 'gloo'
@@ -183,7 +187,7 @@ def test_peak_flops_match_whole_words_and_follow_the_dtype(monkeypatch):
                               ('NVIDIA H100 80GB HBM3', 'float32', 495e12), ('Tesla V100-SXM2-16GB', 'float16', 125e12),
                               ('Tesla V100-SXM2-16GB', 'bfloat16', None), ('Tesla V100-SXM2-16GB', 'float32', None)]:
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
-        assert train.peak_flops(torch.device('cuda'), dtype) == (name, peak)
+        assert configurator.peak_flops(torch.device('cuda'), dtype) == (name, peak)
 
 
 def test_the_paper_benchmark_table_runs_each_config_in_its_own_process(tmp_path):
@@ -215,11 +219,11 @@ def test_tf32_setting_decides_the_float32_matmul_precision_on_a_gpu_only():
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision('medium')
-        train.mixed_precision('float32', torch.device('cpu'), tf32=False)
+        configurator.mixed_precision('float32', torch.device('cpu'), tf32=False)
         assert torch.get_float32_matmul_precision() == 'medium'  # a CPU's precision is never touched
-        train.mixed_precision('float32', torch.device('cuda'), tf32=False)
+        configurator.mixed_precision('float32', torch.device('cuda'), tf32=False)
         assert torch.get_float32_matmul_precision() == 'highest'
-        train.mixed_precision('float32', torch.device('cuda'))
+        configurator.mixed_precision('float32', torch.device('cuda'))
         assert torch.get_float32_matmul_precision() == 'high'
         assert train.parse_config(['--tf32=False']).tf32 is False
     finally:
@@ -248,7 +252,7 @@ def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path)
     torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
         cfg = train.parse_config(TINY + ['--gradient_accumulation_steps=3', '--vocab_size=65'])
-        dist = train.Distributed(rank=0, local_rank=0, world_size=1, ddp=True)
+        dist = configurator.Distributed(rank=0, local_rank=0, world_size=1, ddp=True)
         model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, 65), torch.device('cpu'))
         train_model = train.wrap_for_training(model, cfg, dist, torch.device('cpu'))
         storages = []
@@ -269,8 +273,8 @@ def test_resume_maps_the_checkpoint_so_that_the_processes_of_a_node_share_one_co
     argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2']
     assert train.main(argv) == 0
     cfg = train.parse_config(argv + ['--init_from=resume'])
-    checkpoint = train.load_resume_checkpoint(cfg)
+    saved = checkpoint.load_resume_checkpoint(cfg.out_dir)
     with open('/proc/self/maps') as f:
         assert str(tmp_path / 'ckpt.pt') in f.read()  # in the page cache, not a private copy
     for key, value in read_checkpoint(tmp_path / 'ckpt.pt')['model'].items():
-        assert torch.equal(checkpoint['model'][key], value)
+        assert torch.equal(saved['model'][key], value)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import dataloader
 import train
 from conftest import read_log
 from model import GPT, GPTConfig, read_checkpoint
@@ -75,7 +76,7 @@ def test_each_evaluation_logs_per_block_variance_gain_and_gradient_norm(tmp_path
     record = records[-1]
     model = GPT.from_checkpoint(read_checkpoint(tmp_path / 'ckpt.pt')).eval()
     cfg = train.parse_config(argv)
-    data = train.TokenData(char_data, train.read_meta(char_data, 'shakespeare_char'), cfg.seed)
+    data = dataloader.TokenData(char_data, dataloader.read_meta(char_data, 'shakespeare_char'), cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     data.eval_batches('train', cfg, generator)  # drawn first, as in the run
     first_batch, _ = data.eval_batches('val', cfg, generator)[0]

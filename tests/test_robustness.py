@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
 import train
 from conftest import ROOT, finish, launch, read_log, training_losses
 from model import read_checkpoint
@@ -167,8 +168,8 @@ def test_peak_flops_table_knows_datacenter_gpus_and_says_unknown_otherwise(monke
              'NVIDIA L40S': 362e12, 'NVIDIA H200': 989e12, 'NVIDIA GeForce GTX 1080': None}
     for name, peak in names.items():
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
-        assert train.peak_flops(torch.device('cuda')) == (name, peak)
-    assert train.peak_flops(torch.device('cpu')) == ('cpu', None)
+        assert configurator.peak_flops(torch.device('cuda')) == (name, peak)
+    assert configurator.peak_flops(torch.device('cpu')) == ('cpu', None)
 
 
 def test_bench_reports_steady_state_speed_of_a_config(capsys):

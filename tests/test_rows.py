@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataloader
 import train
 from conftest import read_log
 from model import GPT, read_checkpoint
@@ -40,7 +41,7 @@ def rows_of(folder, split):
 
 def test_a_row_is_one_sequence_and_its_pads_carry_no_loss(tmp_path):
     folder = write_rows(tmp_path)
-    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=0)
+    data = dataloader.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=0)
     rows = rows_of(folder, 'train')
     x, y = data.read('train', torch.tensor([3, 0, 5]), ROW, torch.device('cpu'))
     assert torch.equal(x, torch.from_numpy(rows[[3, 0, 5]]))
@@ -57,13 +58,13 @@ def test_a_row_is_one_sequence_and_its_pads_carry_no_loss(tmp_path):
 
 def test_rows_are_visited_once_per_pass_in_a_new_order_each_pass(tmp_path):
     folder = write_rows(tmp_path, n_train=24)
-    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    data = dataloader.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
     batches = [data.train_sequences(i, 8, ROW, sampler=None).tolist() for i in range(6)]  # two passes of 3 steps
     first, second = sum(batches[:3], []), sum(batches[3:], [])
     assert sorted(first) == sorted(second) == list(range(24)) and first != second
     # a global batch that straddles two passes: the end of one order, then the start of the next
     assert data.train_sequences(2, 10, ROW, None).tolist() == first[20:] + second[:6]
-    again = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    again = dataloader.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
     assert again.train_sequences(4, 8, ROW, None).tolist() == batches[4]  # from the iteration alone
 
 
@@ -71,7 +72,7 @@ def test_the_row_order_is_int32_and_numpy_s_permutation_so_older_runs_resume_on_
     """int32 halves the order's memory (51M rows at 1B: 196 MiB instead of 391 per process); the order itself is
     numpy's permutation of the row count, as before."""
     folder = write_rows(tmp_path, n_train=24)
-    data = train.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
+    data = dataloader.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
     order = data.row_order(1, 24)
     assert order.dtype == np.int32 and order.tolist() == np.random.default_rng([7, 1]).permutation(24).tolist()
 

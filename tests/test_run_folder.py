@@ -12,6 +12,7 @@ import pytest
 
 import train
 from conftest import ROOT, read_log, training_losses
+from model import read_checkpoint
 from test_train import TINY, run
 
 
@@ -53,7 +54,7 @@ def test_a_deliberate_fresh_start_leaves_only_the_new_run(finished_run):
     assert [r['iter'] for r in records if 'val_loss' in r] == [0, 2]  # one run's evaluations, not two
     assert max(r['iter'] for r in records) == 2
     assert not (folder / 'ckpt-0000002.pt').exists()
-    assert train.read_checkpoint(str(folder / 'ckpt.pt'))['model_config']['n_embd'] == 48
+    assert read_checkpoint(str(folder / 'ckpt.pt'))['model_config']['n_embd'] == 48
 
 
 # ----------------------------------------------------------------------------- resume continues the run
@@ -165,7 +166,7 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, char_data):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.count('\n') == 1 and 'Traceback' not in err
-    saved = train.read_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num']
+    saved = read_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num']
     assert f'ckpt.pt holds iteration {saved}; go on with --init_from=resume' in err and saved >= 4
 
 

@@ -1,0 +1,182 @@
+"""
+The prepared token data a run reads: data/<dataset>/{train,val}.bin (uint16 token ids) and meta.json, in the packed
+layout (documents end to end) or the authors' rows layout; its checks, the batches of each step and evaluation.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from configurator import UserError
+
+CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
+
+
+def resolve_data_dir(cfg):
+    return cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', cfg.dataset)
+
+
+def check_data(data_dir, meta, block_size, vocab_size):
+    """Refuses data the model cannot train on: rows of another length than block_size, a split cut short, too
+    short for one sequence, or holding token ids beyond the vocabulary."""
+    rows = meta.get('layout', 'packed') == 'rows'
+    if rows and block_size != meta['row_length']:
+        raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
+                        f"{block_size}; set block_size={meta['row_length']}")
+    for split in ('train', 'val'):
+        size = os.path.getsize(os.path.join(data_dir, f'{split}.bin'))
+        if size % 2:
+            raise UserError(f"{split}.bin in {data_dir} is {size:,} bytes, not whole 2-byte tokens (a copy cut "
+                            f"short?); prepare the data again")
+        tokens = open_tokens(data_dir, split)
+        if rows and len(tokens) % meta['row_length']:
+            raise UserError(f"{split}.bin in {data_dir} is not whole rows of {meta['row_length']} tokens; "
+                            f"prepare the data again")
+        if len(tokens) <= block_size:
+            raise UserError(f"{split}.bin in {data_dir} has fewer tokens than block_size {block_size}; "
+                            f"lower block_size or prepare more data")
+        largest = int(tokens[:CHECKED_TOKENS].max())  # a prefix: enough to catch data from another tokenizer
+        if largest >= vocab_size:
+            raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
+                            f"{vocab_size}; prepare the data again or raise vocab_size")
+
+
+def read_meta(data_dir, dataset):
+    """meta.json of a prepared dataset; UserError naming the prepare command when it is missing."""
+    paths = [os.path.join(data_dir, name) for name in ('meta.json', 'train.bin', 'val.bin')]
+    missing = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
+    if missing:
+        raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); "
+                        f"run: python data/{dataset}/prepare.py")
+    try:
+        with open(paths[0]) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{paths[0]} is not valid JSON ({error}); run: python data/{dataset}/prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise UserError(f"{paths[0]} gives no vocab_size; run: python data/{dataset}/prepare.py")
+    return meta
+
+
+def data_fingerprint(data_dir, pieces=64, piece_bytes=1 << 16):
+    """A digest of a prepared dataset that is quick to take on tens of GB: meta.json, each split's size, and
+    `pieces` evenly spread pieces of each split."""
+    digest = hashlib.sha256()
+    with open(os.path.join(data_dir, 'meta.json'), 'rb') as f:
+        digest.update(f.read())
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path)
+        digest.update(str(size).encode())
+        with open(path, 'rb') as f:
+            for piece in range(pieces):
+                f.seek(piece * max(0, size - piece_bytes) // (pieces - 1))
+                digest.update(f.read(piece_bytes))
+    return digest.hexdigest()
+
+
+def open_tokens(data_dir, split):
+    # a fresh memmap on every call: a long-lived one keeps pages resident and grows memory (nanoGPT's lesson)
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+class TokenData:
+    """A prepared dataset in one of the two layouts its meta.json names (data/c4/prepare.py writes both):
+    - 'packed': documents end to end; a sequence is a window at a random offset, drawn with replacement;
+    - 'rows': the authors' layout, one document per row of row_length tokens, right-padded; a sequence is a whole
+      row, with no loss where the target is a pad, and the rows are visited in a shuffled order without
+      replacement, a new order for each pass (like the authors' one-pass stream)."""
+
+    def __init__(self, data_dir, meta, seed):
+        self.dir, self.seed = data_dir, seed
+        self.layout = meta.get('layout', 'packed')
+        self.row_length, self.pad_id = meta.get('row_length'), meta.get('pad_id')
+        self._order = (None, None)  # (pass, its row order): the pass in use
+
+    def tokens(self, split):
+        tokens = open_tokens(self.dir, split)
+        return tokens.reshape(-1, self.row_length) if self.layout == 'rows' else tokens
+
+    def train_sequences(self, iter_num, count, block_size, sampler):
+        """Where the `count` sequences of iteration iter_num's global batch start: token offsets drawn from the
+        sampler (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
+        if self.layout == 'packed':
+            return random_offsets(self.tokens('train'), count, block_size, sampler)
+        n_rows = len(self.tokens('train'))
+        positions = iter_num * count + np.arange(count)
+        rows = np.empty(count, dtype=np.int64)
+        for data_pass in np.unique(positions // n_rows):
+            here = positions // n_rows == data_pass
+            rows[here] = self.row_order(data_pass, n_rows)[positions[here] % n_rows]
+        return torch.from_numpy(rows)
+
+    def row_order(self, data_pass, n_rows):
+        if self._order[0] != data_pass:  # int32: half the memory of numpy's default at 51M rows, the same order
+            rows = np.arange(n_rows, dtype=np.int32)
+            self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(rows))
+        return self._order[1]
+
+    def eval_batches(self, split, cfg, generator):
+        """The fixed evaluation batches of split, as (sequences, GPU) pairs: eval_iters batches at random places
+        (GPU 0); for the rows layout's validation split with eval_tokens set, the authors' evaluation set as their
+        run read it: the rows in a fixed shuffled order dealt out in turn to authors_eval_gpus GPUs, each reading
+        batches of authors_eval_batch_size rows until its non-pad tokens times the GPU count exceed eval_tokens."""
+        tokens = self.tokens(split)
+        if self.layout == 'packed':
+            return [(random_offsets(tokens, cfg.batch_size, cfg.block_size, generator), 0)
+                    for _ in range(cfg.eval_iters)]
+        if split != 'val' or not cfg.eval_tokens:
+            return [(torch.randint(len(tokens), (cfg.batch_size,), generator=generator), 0)
+                    for _ in range(cfg.eval_iters)]
+        order = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))
+        gpus, size = cfg.authors_eval_gpus, cfg.authors_eval_batch_size
+        batches = []
+        for gpu in range(gpus):
+            share, counted = order[gpu::gpus], 0
+            for start in range(0, len(share) - size + 1, size):
+                if counted * gpus > cfg.eval_tokens:
+                    break
+                batch = share[start:start + size]
+                counted += int((tokens[np.sort(batch)] != self.pad_id).sum())
+                batches.append((torch.from_numpy(batch), gpu))
+            if counted * gpus <= cfg.eval_tokens:
+                raise UserError(f"val.bin in {self.dir} holds too few rows for eval_tokens={cfg.eval_tokens:,} as "
+                                f"{gpus} GPU(s) read it in batches of {size} ({counted * gpus:,} non-pad tokens on "
+                                f"GPU {gpu}); lower eval_tokens or prepare more validation data")
+        return batches
+
+    def read(self, split, starts, block_size, device):
+        """Inputs and targets (batch, sequence) int64 on the device (pinned and copied without waiting on a GPU)."""
+        tokens = self.tokens(split)
+        if self.layout == 'packed':
+            windows = np.stack([tokens[i:i + block_size + 1] for i in starts.numpy()])
+            windows = torch.from_numpy(windows.astype(np.int64))
+            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        else:
+            x = torch.from_numpy(tokens[starts.numpy()].astype(np.int64))
+            y = torch.full_like(x, -1)
+            y[:, :-1] = x[:, 1:]
+            y[y == self.pad_id] = -1  # pads carry no loss; the row's last position has no next token
+        return to_device(x, device), to_device(y, device)
+
+
+def random_offsets(tokens, count, block_size, generator):
+    return torch.randint(len(tokens) - block_size, (count,), generator=generator)
+
+
+def to_device(x, device):
+    if device.type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def train_batches(iter_num, sampler, data, device, cfg, dist):
+    """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
+    sequences of the whole global batch and takes its own share of the micro-steps."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
+    return (data.read('train', batch, cfg.block_size, device) for batch in mine)
