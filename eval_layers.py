@@ -603,7 +603,11 @@ def parse_args(argv):
     parser.add_argument('--max_distance', type=int, default=8, help='largest n in the angular-distance heatmap')
     parser.add_argument('--last_k', type=int, default=0, help='also remove the last 1..K blocks together')
     parser.add_argument('--task', choices=sorted(TASKS), help='zero-shot multiple-choice accuracy per removed block')
-    parser.add_argument('--task_file', help="a local copy of the task's file, in the benchmark's own format")
+    parser.add_argument('--task_file', help="a local copy of the task's file in its benchmark's format: hellaswag, "
+                        "hellaswag_val.jsonl (activity_label, ctx_a, ctx_b, endings, label per line); arc_*, AI2's "
+                        "jsonl ({question: {stem, choices: [{text, label}]}, answerKey}) or the Hugging Face rows "
+                        "({question, choices: {text, label}, answerKey}); mmlu, a <subject>_test.csv (question, four "
+                        "choices, answer letter; no header), a folder of them, or the release's data.tar")
     parser.add_argument('--task_limit', type=int, help='evaluate this many examples, spread over the file')
     parser.add_argument('--device', default='auto', help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
