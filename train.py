@@ -171,24 +171,27 @@ def train(cfg, dist, device, explicit=()):
     checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
     try:
         while True:
-            last = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 or last) and iter_num != resumed_at:
+            last_step = iter_num >= cfg.max_iters
+            improved = False
+            if (iter_num % cfg.eval_interval == 0 or last_step) and iter_num != resumed_at:
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)
                 val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
                 improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
-                if not cfg.always_save_checkpoint and improved and iter_num > 0:
-                    save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg,
-                         (meta, fingerprint), dist)
-                    saved_at = iter_num
-            if (cfg.always_save_checkpoint and (iter_num % checkpoint_interval == 0 or last)
-                    and iter_num > 0 and iter_num != resumed_at):
+            # the one save condition: never the iteration just resumed from (it is the checkpoint), nor before
+            # training; then on schedule and at the end, or (always_save_checkpoint=False) when evaluation improved
+            on_schedule = iter_num % checkpoint_interval == 0 or last_step
+            if iter_num > 0 and iter_num != resumed_at and (on_schedule if cfg.always_save_checkpoint else improved):
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
-                save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg,
-                     (meta, fingerprint), dist)
+                rng_states = gather_rng_states(sampler, dist)
+                if writer is not None:
+                    writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                 'scaler': scaler.state_dict(), 'model_config': config.to_dict(),
+                                 'train_config': cfg.settings(), 'data_meta': meta, 'data_fingerprint': fingerprint,
+                                 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
                 saved_at = iter_num
-            if last:
+            if last_step:
                 break
 
             stopwatch.resume()
@@ -204,7 +207,7 @@ def train(cfg, dist, device, explicit=()):
             stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
             if logging:
                 seconds_per_iter = stopwatch.read()
-                progress.log(iter_num, lr, health.check(iter_num - 1, dist, log_path) / dist.world_size, grad_norm,
+                progress.log(iter_num, lr, health.check(iter_num - 1, dist, log_path), grad_norm,
                              seconds_per_iter)
     except KeyboardInterrupt:
         where = (f"{cfg.out_dir}/ckpt.pt holds iteration {saved_at}; go on with --init_from=resume" if saved_at
@@ -481,7 +484,8 @@ class TrainingHealth:
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, iter_num), self.first_bad)
 
     def check(self, iter_num, dist, log_path):
-        """The latest loss summed over processes; Diverged naming the first non-finite iteration of any process."""
+        """The latest loss, the mean over processes; Diverged naming the first non-finite iteration of any
+        process."""
         first_bad = all_reduce(torch.where(self.first_bad < 0, self.no_iteration, self.first_bad).clone(), dist,
                                torch.distributed.ReduceOp.MIN if dist.ddp else None).item()
         loss = all_reduce(self.loss.detach().float().clone(), dist).item()
@@ -490,7 +494,7 @@ class TrainingHealth:
                 append_log(log_path, {'iter': first_bad, 'diverged': 'train'})
             raise Diverged(f"training loss is not finite at iteration {first_bad}; stopped at iteration {iter_num} "
                            f"without saving (lower learning_rate or set grad_clip)")
-        return loss
+        return loss / dist.world_size
 
 
 class Stopwatch:
@@ -622,17 +626,13 @@ def depth_diagnostics(model, x, y, autocast):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save(writer, iter_num, best_val_loss, model, optimizer, scaler, sampler, config, cfg, data, dist):
-    """Every process's RNG state to rank 0, whose writer copies the whole state and writes it in the background.
-    data: (meta.json's contents, data_fingerprint), by which a resume checks it has the run's data."""
-    rng_states = [rng_state(sampler)]
-    if dist.ddp:
-        rng_states = [None] * dist.world_size
-        torch.distributed.all_gather_object(rng_states, rng_state(sampler))
-    if writer is not None:
-        writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scaler': scaler.state_dict(), 'model_config': config.to_dict(), 'train_config': cfg.settings(),
-                     'data_meta': data[0], 'data_fingerprint': data[1], 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rng_states})
+def gather_rng_states(sampler, dist):
+    """Every process's random state, gathered on every process (a collective: all of them call it)."""
+    if not dist.ddp:
+        return [rng_state(sampler)]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, rng_state(sampler))
+    return states
 
 
 # ----------------------------------------------------------------------------- configuration
