@@ -85,7 +85,8 @@ def training_step_on_random_tokens(cfg, device):
     """(model, step): the model cfg describes, built as train.py builds it, and a function that runs the
     trainer's own optimizer step on fixed random tokens and waits for the device."""
     try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
-        vocab_size = dataloader.read_meta(dataloader.resolve_data_dir(cfg), cfg.dataset)['vocab_size']
+        data_dir = dataloader.resolve_data_dir(cfg.data_dir, cfg.dataset)
+        vocab_size = dataloader.read_meta(data_dir, cfg.dataset)['vocab_size']
     except train.UserError:
         vocab_size = 50304
     config = train.model_config(cfg, vocab_size)

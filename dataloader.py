@@ -15,8 +15,9 @@ from configurator import UserError
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
 
 
-def resolve_data_dir(cfg):
-    return cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', cfg.dataset)
+def resolve_data_dir(data_dir, dataset):
+    """Where a run's data is: data_dir, or data/<dataset> beside this file when data_dir is empty."""
+    return data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 
 
 def check_data(data_dir, meta, block_size, vocab_size):

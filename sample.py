@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
+from checkpoint import load_model
 from configurator import UserError, resolve_device
-from eval_layers import load_model
 
 
 @dataclass

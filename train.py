@@ -278,7 +278,7 @@ class Progress:
 def check_inputs(cfg, dist, checkpoint=None):
     """Everything about the data, out_dir and the checkpoint to resume that can be wrong, before anything is built
     or written; (data_dir, meta, model config, data fingerprint)."""
-    data_dir = resolve_data_dir(cfg)
+    data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
     meta = read_meta(data_dir, cfg.dataset)
     config = model_config(cfg, meta['vocab_size'])
     if meta['vocab_size'] > config.vocab_size:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import eval_layers
 import train
+from checkpoint import LoadedModel, gpt2_encode
 from model import GPT, GPTConfig, read_checkpoint
 
 TINY = ['--n_layer=4', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
@@ -42,7 +43,7 @@ def test_dropping_each_block_equals_a_model_built_without_it(trained):
     checkpoint = read_checkpoint(trained / 'lns' / 'ckpt.pt')
     model = GPT.from_checkpoint(checkpoint)
     tokens = eval_layers.tokens_from_data_folder(str(trained / 'shakespeare_char'),
-                                                  eval_layers.LoadedModel('lns', model, 'char'), 2048)
+                                                  LoadedModel('lns', model, 'char'), 2048)
     x, y = eval_layers.windows(tokens, 32)
     result = eval_layers.analyze(model, x, y, 16, torch.device('cpu'), nullcontext(), 3, 2, progress=False)
     assert result['tokens'] == x.numel() == 2048  # the budget: 64 windows of 32, plus one token of target
@@ -144,7 +145,7 @@ def test_unsupported_hugging_face_architecture_names_the_supported_ones(tmp_path
 def test_a_hugging_face_gpt2_folder_is_analyzed_on_text_with_gpt2_bpe(tmp_path, capsys):
     transformers = pytest.importorskip('transformers')
     try:
-        eval_layers.gpt2_encode()
+        gpt2_encode()
     except eval_layers.UserError as error:
         pytest.skip(str(error))
     torch.manual_seed(0)

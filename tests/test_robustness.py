@@ -56,8 +56,8 @@ def test_a_node_whose_data_differs_from_rank_0_s_is_refused_by_every_rank(tmp_pa
     script = tmp_path / 'train_on_other_data.py'  # train.py, but rank 1 reads the other copy
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
                       f"local = train.resolve_data_dir\n"
-                      f"train.resolve_data_dir = lambda cfg: {str(other)!r} if os.environ['RANK'] == '1' "
-                      f"else local(cfg)\nsys.exit(train.main(sys.argv[1:]))\n")
+                      f"train.resolve_data_dir = lambda *args: {str(other)!r} if os.environ['RANK'] == '1' "
+                      f"else local(*args)\nsys.exit(train.main(sys.argv[1:]))\n")
     out = tmp_path / 'out'
     argv = TINY + [f'--data_dir={char_data}', f'--out_dir={out}', '--gradient_accumulation_steps=2']
     code, _, err = finish(launch(argv, nproc=2, script=script))
