@@ -13,12 +13,12 @@ under the curse of depth, a model reads almost as well without one of its deep b
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, get_type_hints
 
 import torch
 
 from checkpoint import load_model
-from configurator import UserError, resolve_device
+from configurator import UserError, read_settings, resolve_device
 
 
 @dataclass
@@ -35,26 +35,10 @@ class SampleConfig:
 
 
 def parse_options(argv):
-    """The model and a SampleConfig from `MODEL --key=value ...`; UserError in one sentence for anything else."""
-    models, values = [], {}
-    types = {f.name: f.type for f in fields(SampleConfig)}
-    for arg in argv:
-        if not arg.startswith('--'):
-            models.append(arg)
-            continue
-        key, has_value, raw = arg[2:].partition('=')
-        if key not in types:
-            raise UserError(f"unknown option --{key}; known options are --{', --'.join(types)}")
-        if not has_value:
-            raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --num_samples=5")
-        kind = {int: int, float: float, Optional[int]: int}.get(types[key], str)
-        if types[key] == Optional[int] and raw.lower() == 'none':
-            values[key] = None
-            continue
-        try:
-            values[key] = kind(raw)
-        except ValueError:
-            raise UserError(f"--{key} expects {'an int' if kind is int else 'a number'}, not {raw!r}") from None
+    """The model and a SampleConfig from `MODEL --key=value ...` (train.py's dialect, without config files);
+    UserError in one sentence for anything else."""
+    models = [arg for arg in argv if not arg.startswith('--')]
+    values = read_settings([arg for arg in argv if arg.startswith('--')], get_type_hints(SampleConfig), files=False)
     if len(models) != 1:
         raise UserError(f"give one model (a run folder, checkpoint or Hugging Face folder), not {len(models)}")
     cfg = SampleConfig(**values)

@@ -79,9 +79,9 @@ def test_a_prompt_file_and_an_exported_hugging_face_folder_give_the_same_text(ru
     (['--top_k=0'], ['--top_k must be at least 1']),
     (['--temperature=-1'], ['--temperature must be 0 or more']),
     (['--num_samples=0'], ['--num_samples must be at least 1']),
-    (['--seed=x'], ["--seed expects an int, not 'x'"]),
+    (['--seed=x'], ["seed expects an int, but --seed gives 'x'"]),
     (['--seed'], ['malformed argument', '--key=value']),
-    (['--topk=5'], ['unknown option --topk', '--top_k']),
+    (['--topk=5'], ["unknown setting 'topk' in --topk", 'top_k']),
     (['--start=naïve'], ["1 distinct character 'ï' that lns never saw in training"]),
     (['--start=FILE:/no/such/prompt.txt'], ['cannot read the prompt file /no/such/prompt.txt']),
 ])
