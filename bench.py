@@ -26,7 +26,7 @@ import torch
 import configurator
 import dataloader
 import train
-from model import GPT, NORM_SCHEMES
+from model import GPT, GPTConfig, NORM_SCHEMES
 
 # the configs of experiments/README.md's table: the default training run, and a wider model with longer sequences
 TABLE_CONFIGS = {
@@ -88,7 +88,7 @@ def training_step_on_random_tokens(cfg, device):
         data_dir = dataloader.resolve_data_dir(cfg.data_dir, cfg.dataset)
         vocab_size = dataloader.read_meta(data_dir, cfg.dataset)['vocab_size']
     except train.UserError:
-        vocab_size = 50304
+        vocab_size = GPTConfig.vocab_size
     config = train.model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
     model, optimizer, autocast, scaler = train.build_model(cfg, config, device)

@@ -6,9 +6,10 @@ Trains a GPT or Llama model (model.py) on a prepared token dataset (data/<datase
     torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py   # DDP on 8 GPUs
 
 The trainer's settings are the fields of TrainConfig below, their defaults the documentation; the model's are
-model.GPTConfig's fields, set by name the same way. train() below is the whole loop; the set-up, step and evaluation
-it calls follow it, in that order. Beside this file: dataloader.py (the data and its batches), checkpoint.py (the
-run folder: checkpoints, log, resume) and configurator.py (settings, processes, devices).
+model.GPTConfig's fields, set by name the same way. train() below is the whole loop, train_step() one optimizer
+step; the set-up, the schedule and the evaluation they call follow them, in that order. Beside this file:
+dataloader.py (the data and its batches), checkpoint.py (the run folder: checkpoints, log, resume) and
+configurator.py (settings, processes, devices).
 """
 
 import importlib.util
@@ -227,6 +228,34 @@ def train(cfg, dist, device, explicit=()):
     return best_val_loss
 
 
+def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
+    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
+    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
+    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+    x, y = next(batches)
+    loss_sum = torch.zeros((), device=x.device)
+    for micro_step in range(micro_steps):
+        if dist.ddp:  # average gradients across processes only after the last micro-step
+            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast:
+            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
+        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
+        scaler.scale(loss / micro_steps).backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0 or need_grad_norm:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+    scaler.step(optimizer)
+    scaler.update()
+    # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed one
+    # would come back as a second, separate copy in the next micro-steps without sync
+    optimizer.zero_grad(set_to_none=False)
+    return loss_sum / micro_steps, grad_norm
+
+
+
 def wrap_for_training(model, cfg, dist, device):
     """The module the training step calls: compiled if asked, in DDP under torchrun. The bare model is the one
     evaluated and saved, so checkpoints never carry a compile or DDP prefix."""
@@ -427,7 +456,7 @@ def print_startup(cfg, config, model, device, dist, changes=()):
     print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
 
 
-# ----------------------------------------------------------------------------- one step, health and speed
+# ----------------------------------------------------------------------------- the schedule, health and speed
 
 def get_lr(it, cfg):
     """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
@@ -440,33 +469,6 @@ def get_lr(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
-    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
-    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
-    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    x, y = next(batches)
-    loss_sum = torch.zeros((), device=x.device)
-    for micro_step in range(micro_steps):
-        if dist.ddp:  # average gradients across processes only after the last micro-step
-            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with autocast:
-            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
-        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
-        scaler.scale(loss / micro_steps).backward()
-        loss_sum += loss.detach()
-    grad_norm = None
-    if cfg.grad_clip > 0 or need_grad_norm:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-    scaler.step(optimizer)
-    scaler.update()
-    # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed one
-    # would come back as a second, separate copy in the next micro-steps without sync
-    optimizer.zero_grad(set_to_none=False)
-    return loss_sum / micro_steps, grad_norm
 
 
 class TrainingHealth:
@@ -623,8 +625,6 @@ def depth_diagnostics(model, x, y, autocast):
             'block_norm_gain': [block.effective_norm_gain() for block in model.blocks],
             'block_grad_norm': grad_norms}
 
-
-# ----------------------------------------------------------------------------- checkpoints
 
 def gather_rng_states(sampler, dist):
     """Every process's random state, gathered on every process (a collective: all of them call it)."""
