@@ -3,7 +3,8 @@ Steady-state training speed of a config: ms per step, tokens/s, MFU and peak mem
 
     python bench.py [config/file.py ...] [--key=value ...] [--steps=20] [--warmup=5]
     python bench.py --n_layer=12 --n_embd=128 --compile=True
-    python bench.py --table [--json FILE]     # experiments/README.md's table: two configs, eager and compiled, every scheme
+    python bench.py --table [--json FILE]     # experiments/README.md's table: two configs, eager and compiled,
+                                              # every scheme
     python bench.py --paper [--json FILE]     # on a GPU: the paper configs at their per-GPU micro-batch
     python bench.py --memory                  # estimated memory per GPU of each paper config at 1-16 GPUs
 
@@ -56,7 +57,7 @@ def split_bench_args(argv):
         key, _, raw = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
         if key in values:
             if not raw.isdigit() or int(raw) < 1:
-                raise train.UserError(f"--{key} expects a positive int, got {raw!r}")
+                raise configurator.UserError(f"--{key} expects a positive int, got {raw!r}")
             values[key] = int(raw)
         else:
             rest.append(arg)
@@ -65,7 +66,7 @@ def split_bench_args(argv):
 
 def bench(cfg, steps, warmup):
     """Times `steps` training steps of cfg's model after `warmup` more; the result as a dict (see main)."""
-    device = configurator.resolve_device(cfg.device, configurator.Distributed())
+    device = configurator.resolve_device(cfg.device)
     cfg = train.resolve_batch(cfg, world_size=1)  # one process: a global batch runs as its micro-steps
     model, step = training_step_on_random_tokens(cfg, device)
     warmup_start = time.perf_counter()
@@ -87,7 +88,7 @@ def training_step_on_random_tokens(cfg, device):
     try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
         data_dir = dataloader.resolve_data_dir(cfg.data_dir, cfg.dataset)
         vocab_size = dataloader.read_meta(data_dir, cfg.dataset)['vocab_size']
-    except train.UserError:
+    except configurator.UserError:
         vocab_size = GPTConfig.vocab_size
     config = train.model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
@@ -265,7 +266,7 @@ def main(argv):
     try:
         if argv and argv[0] == '--paper':
             if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
-                raise train.UserError("--paper takes only --json FILE")
+                raise configurator.UserError("--paper takes only --json FILE")
             print(paper_table(argv[2] if len(argv) == 3 else None))
             return 0
         if argv == ['--memory']:
@@ -273,12 +274,12 @@ def main(argv):
             return 0
         if argv and argv[0] == '--table':
             if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
-                raise train.UserError("--table takes only --json FILE")
+                raise configurator.UserError("--table takes only --json FILE")
             print(table(argv[2] if len(argv) == 3 else None))
             return 0
         steps, warmup, rest = split_bench_args(argv)
         result = bench(train.parse_config(rest), steps, warmup)
-    except train.UserError as error:
+    except configurator.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{result['arch']} {result['norm_scheme']}, {result['n_layer']} x {result['n_embd']}, "

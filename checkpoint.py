@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def load_resume_checkpoint(out_dir):
         raise UserError(str(error)) from None
 
 
-def read_log(path):
+def read_log(path, note_file=None):
     """The records of a log.jsonl ([] when there is none). A last line cut short (a kill or a full disk mid-write)
     is left out, with a word; a damaged line before it is a UserError naming it."""
     if not os.path.exists(path):
@@ -65,8 +66,9 @@ def read_log(path):
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number != lines[-1][0]:
-                raise UserError(f"line {number} of {path} is not a JSON record; mend or delete that line") from None
-            print(f"note: the last line of {path} was cut short (a run killed mid-write); it is left out")
+                raise UserError(f"line {number} of {path} is not JSON; mend or delete that line") from None
+            print(f"note: the last line of {path} was cut short (a run killed mid-write); it is left out",
+                  file=note_file or sys.stdout)
     return records
 
 
@@ -93,6 +95,15 @@ def rng_state(sampler):
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state()
     return state
+
+
+def gather_rng_states(sampler, dist):
+    """Every process's random state, gathered on every process (a collective: all of them call it)."""
+    if not dist.ddp:
+        return [rng_state(sampler)]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, rng_state(sampler))
+    return states
 
 
 def restore_rng_state(state, sampler):

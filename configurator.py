@@ -1,6 +1,6 @@
 """
-The settings of every script, from config files and --key=value arguments; the one error a user can fix; the
-processes, devices and precisions a run uses.
+The settings of train.py and sample.py, from config files and --key=value arguments; the one error a user can
+fix, for every script; the processes, devices and precisions a run uses.
 """
 
 import ast
@@ -20,7 +20,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- settings
 
-def read_settings(argv, setting_types, files=True):
+def read_settings(argv, setting_types, files=True, example='--max_iters=500'):
     """{setting: value} from command-line arguments: config files (when `files`) and --key=value, applied in order
     (a file that overrides an earlier --key=value is announced); each value checked against setting_types, a
     {name: type} of the script's settings."""
@@ -29,7 +29,7 @@ def read_settings(argv, setting_types, files=True):
         if arg.startswith('--'):
             key, has_value, raw = arg[2:].partition('=')
             if not has_value or not key:
-                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. --max_iters=500")
+                raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. {example}")
             values[key] = given[key] = check_value(key, parse_literal(raw, setting_types.get(key)), f"--{key}",
                                                    setting_types)
         elif files and arg.endswith('.py'):

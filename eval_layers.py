@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, run_names
+from checkpoint import load_model, read_log, run_names
 from configurator import UserError, resolve_device
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
@@ -257,18 +257,7 @@ def with_error(value, stderr):
 def variance_during_training(log_path):
     """The per-block residual variance train.py logged at each evaluation: [{'iter', 'block_variance'}, ...]. A last
     line cut short (a run killed mid-write, a full disk) is skipped with a note; UserError for any other bad line."""
-    with open(log_path, encoding='utf-8', errors='replace') as f:
-        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
-    records = []
-    for number, line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number != lines[-1][0]:
-                raise UserError(f"line {number} of {log_path} is not JSON; remove or repair it to plot the variance "
-                                f"during training") from None
-            print(f"note: skipped the last line of {log_path}, which was cut short", file=sys.stderr)
-    return [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in records
+    return [{'iter': r['iter'], 'block_variance': r['block_variance']} for r in read_log(log_path, sys.stderr)
             if isinstance(r, dict) and 'block_variance' in r]
 
 

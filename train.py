@@ -26,8 +26,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointWriter, append_log, delete_run, existing_run, load_resume_checkpoint, \
-    restore_rng_state, rng_state, truncate_log
+from checkpoint import CheckpointWriter, append_log, delete_run, existing_run, gather_rng_states, \
+    load_resume_checkpoint, restore_rng_state, truncate_log
 from configurator import (DTYPES, UserError, all_reduce, mixed_precision, peak_flops, read_settings,
                           setup_distributed, synchronize)
 from dataloader import TokenData, check_data, data_fingerprint, read_meta, resolve_data_dir, train_batches
@@ -44,7 +44,7 @@ class TrainConfig:
                                            # non-pad tokens (the authors' rule; 0: eval_iters batches)
     authors_eval_gpus: int = 1             # the authors' estimator as their run computed it, whatever our process
     authors_eval_batch_size: Optional[int] = None  # count: their GPUs and per-GPU evaluation batch (None:
-                                           # batch_size); see TokenData.eval_batches
+                                           # batch_size); see dataloader.TokenData.eval_batches
     log_interval: int = 25                 # print and log the training loss every this many iterations
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
@@ -151,7 +151,7 @@ def train(cfg, dist, device, explicit=()):
     model, optimizer, autocast, scaler = build_model(cfg, config, device)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
     data = TokenData(data_dir, meta, cfg.seed)
-    sampler = torch.Generator().manual_seed(cfg.seed)  # the same in every process: see train_batches
+    sampler = torch.Generator().manual_seed(cfg.seed)  # the same in every process: see dataloader.train_batches
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
     eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
     iter_num, best_val_loss = 0, float('inf')
@@ -253,7 +253,6 @@ def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, di
     # would come back as a second, separate copy in the next micro-steps without sync
     optimizer.zero_grad(set_to_none=False)
     return loss_sum / micro_steps, grad_norm
-
 
 
 def wrap_for_training(model, cfg, dist, device):
@@ -624,15 +623,6 @@ def depth_diagnostics(model, x, y, autocast):
     return {'block_variance': [r.float().var(unbiased=False).item() for r in residuals[1:]],
             'block_norm_gain': [block.effective_norm_gain() for block in model.blocks],
             'block_grad_norm': grad_norms}
-
-
-def gather_rng_states(sampler, dist):
-    """Every process's random state, gathered on every process (a collective: all of them call it)."""
-    if not dist.ddp:
-        return [rng_state(sampler)]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, rng_state(sampler))
-    return states
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -6,7 +6,7 @@ then eval_layers on the Pre-LN and LNS models.
     python data/shakespeare_char/prepare.py
     python experiments/cpu_sweep.py                # about an hour on 2 cores; finished runs are skipped on rerun
 
-Prints the table and the numbers README quotes beside it. Writes experiments/results/cpu_sweep.json (every run's
+Prints the table and the numbers experiments/README.md quotes. Writes experiments/results/cpu_sweep.json (every run's
 final validation loss and curve, and mean +- std per scheme and depth), experiments/results/layers_<depth>.json
 (eval_layers on seed 0, pre against lns) and the figures in experiments/figures/. Training runs go to experiments/runs/cpu_sweep/; each run's log.jsonl and
 train.out are committed, so the table can be recomputed from a clone (--no_train) and a rerun skips them.
@@ -130,7 +130,7 @@ def compact(blocks):
 
 
 def findings(args, table):
-    """The sentences README quotes, from the table and the layer analyses of seed 0 (pre against lns)."""
+    """The sentences experiments/README.md quotes, from the table and the layer analyses of seed 0 (pre against lns)."""
     lines = []
     for depth in args.depths:
         pre, lns = table[f'{depth}/pre'], table[f'{depth}/lns']

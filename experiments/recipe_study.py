@@ -384,7 +384,7 @@ def report(args, threads):
         'learning_rate': {str(depth): learning_rate_summary(rows, depth) for depth in sorted(args.depths)},
         'findings': findings(args, rows, runs), 'cells': rows, 'layers': layers, 'runs': runs})
     print(markdown_table(rows), flush=True)
-    print('\n'.join(['', 'findings (the numbers README quotes):', *findings(args, rows, runs)]), flush=True)
+    print('\n'.join(['', 'findings (the numbers experiments/README.md quotes):', *findings(args, rows, runs)]), flush=True)
     plot_learning_rates(args, rows)
     if args.widths:
         plot_widths(args, rows)
@@ -394,13 +394,13 @@ def report(args, threads):
     return failures
 
 
-# ----------------------------------------------------------------------------- findings: README's numbers
+# ----------------------------------------------------------------------------- findings: the numbers quoted
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, two-sided 95%, by degrees of freedom
 
 
 def findings(args, rows, runs):
-    """The numbers README quotes about the study, as lines of text, each computed here from the finished runs."""
+    """The numbers experiments/README.md quotes about the study, as lines of text, each computed here from the finished runs."""
     lines = []
     base = [r for r in rows if r['width'] == BASE_WIDTH and r['factor'] == 'base']
     for depth in sorted({r['depth'] for r in base}):

@@ -1,5 +1,5 @@
-"""eval_layers.py: layer drop, angular distance and depth statistics against independent computations; which data,
-names and tokenizers it picks. The downstream tasks are in test_tasks.py."""
+"""eval_layers.py: layer drop, angular distance and depth statistics against independent computations; which data
+it reads, and the names and tokenizers checkpoint.py's loader picks. The downstream tasks are in test_tasks.py."""
 
 import copy
 import json
