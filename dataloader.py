@@ -45,20 +45,31 @@ def check_data(data_dir, meta, block_size, vocab_size):
                             f"{vocab_size}; prepare the data again or raise vocab_size")
 
 
-def read_meta(data_dir, dataset):
-    """meta.json of a prepared dataset; UserError naming the prepare command when it is missing."""
-    paths = [os.path.join(data_dir, name) for name in ('meta.json', 'train.bin', 'val.bin')]
-    missing = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
-    if missing:
-        raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); "
-                        f"run: python data/{dataset}/prepare.py")
+def read_meta(data_dir, dataset=None, needs=('vocab_size',)):
+    """meta.json of a prepared data folder; UserError naming the file and the prepare command when the folder is not
+    prepared (checked when the dataset is named: train.bin and val.bin too), meta.json is not JSON, or it lacks a key
+    of `needs` (and, for a character tokenizer, its characters)."""
+    path = os.path.join(data_dir, 'meta.json')
+    prepare = f"python data/{dataset}/prepare.py" if dataset else "the data's prepare.py"
+    if dataset:
+        paths = [path] + [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
+        missing = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
+        if missing:
+            raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); run: {prepare}")
     try:
-        with open(paths[0]) as f:
+        with open(path, encoding='utf-8') as f:
             meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{paths[0]} is not valid JSON ({error}); run: python data/{dataset}/prepare.py") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise UserError(f"{paths[0]} gives no vocab_size; run: python data/{dataset}/prepare.py")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); run {prepare} again") from None
+    if not isinstance(meta, dict):
+        meta, missing = {}, list(needs)
+    else:
+        missing = [key for key in needs if key not in meta] + (['chars'] if meta.get('tokenizer') == 'char'
+                                                               and not isinstance(meta.get('chars'), str) else [])
+    if 'vocab_size' in needs and 'vocab_size' not in missing and not isinstance(meta['vocab_size'], int):
+        missing.append('vocab_size')
+    if missing:
+        raise UserError(f"{path} has no {' or '.join(missing)}; run {prepare} again")
     return meta
 
 

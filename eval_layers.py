@@ -32,25 +32,11 @@ from tqdm import tqdm
 
 from checkpoint import load_model, read_log, run_names
 from configurator import UserError, resolve_device
+from dataloader import open_tokens, read_meta
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
 
 # ----------------------------------------------------------------------------- data
-
-def read_data_meta(folder):
-    """A prepared data folder's meta.json; UserError naming the file when it is not JSON or lacks a key read here."""
-    path = os.path.join(folder, 'meta.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{path} is not readable JSON ({error}); run the data's prepare.py again") from None
-    needed = ['tokenizer', 'vocab_size'] + (['chars'] if isinstance(meta, dict) and meta.get('tokenizer') == 'char'
-                                            else [])
-    missing = [key for key in needed if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise UserError(f"{path} has no {' or '.join(missing)}; run the data's prepare.py again")
-    return meta
 
 
 def char_difference(data_chars, model_chars):
@@ -65,7 +51,7 @@ def tokens_from_data_folder(folder, loaded, budget):
     meta_path, val_path = os.path.join(folder, 'meta.json'), os.path.join(folder, 'val.bin')
     if not (os.path.exists(meta_path) and os.path.exists(val_path)):
         raise UserError(f"{folder} is not a prepared data folder (meta.json and val.bin); run its prepare.py first")
-    meta = read_data_meta(folder)
+    meta = read_meta(folder, needs=('tokenizer', 'vocab_size'))
     if loaded.tokenizer != 'unknown' and meta['tokenizer'] != loaded.tokenizer:
         raise UserError(f"{folder} holds {meta['tokenizer']!r} tokens but {loaded.name} reads "
                         f"{loaded.tokenizer!r} tokens; pass --text FILE, or data prepared with its tokenizer")
@@ -75,7 +61,7 @@ def tokens_from_data_folder(folder, loaded, budget):
     if meta['vocab_size'] > loaded.model.config.vocab_size:
         raise UserError(f"{folder} has {meta['vocab_size']} token ids but {loaded.name} only "
                         f"{loaded.model.config.vocab_size}; they were not made with the same tokenizer")
-    return np.array(np.memmap(val_path, dtype=np.uint16, mode='r')[:budget + 1], dtype=np.int64)
+    return np.array(open_tokens(folder, 'val')[:budget + 1], dtype=np.int64)
 
 
 def tokens_from_text(path, loaded, budget):
