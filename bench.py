@@ -263,6 +263,9 @@ def write_json(path, data):
 
 
 def main(argv):
+    if '-h' in argv or '--help' in argv:
+        print(f"usage: python bench.py [config/file.py ...] [--key=value ...] [--steps=N] [--warmup=N]\n{__doc__}")
+        return 0
     try:
         if argv and argv[0] == '--paper':
             if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
