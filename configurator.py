@@ -94,7 +94,15 @@ def check_value(key, value, source, setting_types):
 
 # ----------------------------------------------------------------------------- processes and devices
 
-DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')  # training's
+EVAL_DTYPES = ('float32', 'bfloat16')  # eval_layers.py's and sample.py's, over float32 weights
+
+
+def autocast(dtype, device):
+    """The context a forward pass runs in: torch.autocast for bfloat16 and float16 over float32 weights; none for
+    float32, nor for pure_bfloat16, whose weights are bf16 themselves."""
+    return nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(device.type,
+                                                                                       dtype=getattr(torch, dtype))
 
 
 def mixed_precision(dtype, device, tf32=True):
@@ -102,9 +110,7 @@ def mixed_precision(dtype, device, tf32=True):
     float32 stays exact)."""
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high' if tf32 else 'highest')
-    autocast = nullcontext() if dtype in ('float32', 'pure_bfloat16') else torch.autocast(
-        device.type, dtype=getattr(torch, dtype))
-    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+    return autocast(dtype, device), torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
 
 
 @dataclass

@@ -24,14 +24,13 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_model, read_log, run_names
-from configurator import UserError, resolve_device
+from configurator import EVAL_DTYPES, UserError, autocast, resolve_device
 from dataloader import open_tokens, read_meta
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
@@ -391,7 +390,7 @@ def parse_args(argv):
                         "choices, answer letter; no header), a folder of them, or the release's data.tar")
     parser.add_argument('--task_limit', type=int, help='evaluate this many examples, spread over the file')
     parser.add_argument('--device', default='auto', help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
-    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--dtype', default='float32', choices=EVAL_DTYPES)
     parser.add_argument('--json', help='write every number, with the settings, to this file')
     parser.add_argument('--plot', help='write PNG figures into this folder')
     args = parser.parse_args(argv)
@@ -431,7 +430,7 @@ def check_outputs(json_path, plot_folder):
 def run(args):
     device = resolve_device(args.device)
     check_outputs(args.json, args.plot)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
+    forward_context = autocast(args.dtype, device)
     loaded = [load_model(spec, device, name) for spec, name in zip(args.models, run_names(args.models))]
     measure_loss = bool(args.data or args.text or not args.task)
     data = args.data or (recorded_data_folder(loaded) if measure_loss and not args.text else None)
@@ -461,13 +460,15 @@ def run(args):
             if args.last_k > m.model.config.n_layer:
                 print(f"note: --last_k {args.last_k} exceeds {m.name}'s {m.model.config.n_layer} blocks; removing "
                       f"its last 1..{m.model.config.n_layer}", file=sys.stderr)
-            result.update(analyze(m.model, x, y, args.batch_size, device, autocast, args.max_distance, args.last_k))
+            result.update(analyze(m.model, x, y, args.batch_size, device, forward_context, args.max_distance,
+                                  args.last_k))
         if variance is not None:
             result['variance_during_training'] = variance
         if examples:
             print(f"{m.name}: {args.task}, {len(examples)} examples, {len(requests)} choices, "
                   f"{m.model.config.n_layer + 1} passes", file=sys.stderr)
-            result['task'] = evaluate_task(m.model, args.task, examples, requests, args.batch_size, device, autocast)
+            result['task'] = evaluate_task(m.model, args.task, examples, requests, args.batch_size, device,
+                                            forward_context)
         results.append(result)
     print(format_table(results))
     if args.json:

@@ -11,14 +11,13 @@ under the curse of depth, a model reads almost as well without one of its deep b
 """
 
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Optional, get_type_hints
 
 import torch
 
 from checkpoint import load_model
-from configurator import UserError, read_settings, resolve_device
+from configurator import EVAL_DTYPES, UserError, autocast, read_settings, resolve_device
 
 
 @dataclass
@@ -50,8 +49,8 @@ def parse_options(argv):
         raise UserError(f"--temperature must be 0 or more, not {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise UserError(f"--top_k must be at least 1 (or None), not {cfg.top_k}")
-    if cfg.dtype not in ('float32', 'bfloat16'):
-        raise UserError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
+    if cfg.dtype not in EVAL_DTYPES:
+        raise UserError(f"--dtype must be {' or '.join(EVAL_DTYPES)}, not {cfg.dtype!r}")
     return models[0], cfg
 
 
@@ -96,9 +95,8 @@ def sample(spec, cfg):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == 'bfloat16' else nullcontext()
     texts = []
-    with autocast:
+    with autocast(cfg.dtype, device):
         for _ in range(cfg.num_samples):
             y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                generator=generator, skip_layers=skip_layers)
