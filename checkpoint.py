@@ -90,24 +90,25 @@ def append_log(path, record):
         f.write(json.dumps(record) + '\n')
 
 
-def rng_state(sampler):
-    state = {'sampler': sampler.get_state(), 'torch': torch.get_rng_state()}
+def rng_state(train_generator):
+    # 'sampler': the training generator's state, under the key every checkpoint so far has used
+    state = {'sampler': train_generator.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
-def gather_rng_states(sampler, dist):
+def gather_rng_states(train_generator, dist):
     """Every process's random state, gathered on every process (a collective: all of them call it)."""
     if not dist.ddp:
-        return [rng_state(sampler)]
+        return [rng_state(train_generator)]
     states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, rng_state(sampler))
+    torch.distributed.all_gather_object(states, rng_state(train_generator))
     return states
 
 
-def restore_rng_state(state, sampler):
-    sampler.set_state(state['sampler'])
+def restore_rng_state(state, train_generator):
+    train_generator.set_state(state['sampler'])
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])

@@ -112,11 +112,11 @@ class TokenData:
         tokens = open_tokens(self.dir, split)
         return tokens.reshape(-1, self.row_length) if self.layout == 'rows' else tokens
 
-    def train_sequences(self, iter_num, count, block_size, sampler):
+    def train_sequences(self, iter_num, count, block_size, train_generator):
         """Where the `count` sequences of iteration iter_num's global batch start: token offsets drawn from the
-        sampler (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
+        train_generator (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
         if self.layout == 'packed':
-            return random_offsets(self.tokens('train'), count, block_size, sampler)
+            return random_offsets(self.tokens('train'), count, block_size, train_generator)
         n_rows = len(self.tokens('train'))
         positions = iter_num * count + np.arange(count)
         rows = np.empty(count, dtype=np.int64)
@@ -185,10 +185,11 @@ def to_device(x, device):
     return x.to(device)
 
 
-def train_batches(iter_num, sampler, data, device, cfg, dist):
+def train_batches(iter_num, train_generator, data, device, cfg, dist):
     """This process's micro-batches of iteration iter_num, read as they are needed: every process draws the
     sequences of the whole global batch and takes its own share of the micro-steps."""
     micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size, sampler)
+    starts = data.train_sequences(iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size,
+                                  train_generator)
     mine = starts.view(-1, cfg.batch_size)[dist.rank * micro_steps:(dist.rank + 1) * micro_steps]
     return (data.read('train', batch, cfg.block_size, device) for batch in mine)

@@ -151,12 +151,14 @@ def train(cfg, dist, device, explicit=()):
     model, optimizer, autocast, scaler = build_model(cfg, config, device)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
     data = TokenData(data_dir, meta, cfg.seed)
-    sampler = torch.Generator().manual_seed(cfg.seed)  # the same in every process: see dataloader.train_batches
+    # draws the training batches' places, the same in every process: see dataloader.train_batches
+    train_generator = torch.Generator().manual_seed(cfg.seed)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
     eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
     iter_num, best_val_loss = 0, float('inf')
     if checkpoint is not None:
-        iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path)
+        iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, train_generator, cfg, dist,
+                                                log_path)
         checkpoint = None  # free its memory
     resumed_at = iter_num if iter_num > 0 else None  # that iteration was evaluated and saved before the stop
     saved_at = resumed_at
@@ -185,7 +187,7 @@ def train(cfg, dist, device, explicit=()):
             if iter_num > 0 and iter_num != resumed_at and (on_schedule if cfg.always_save_checkpoint else improved):
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
-                rng_states = gather_rng_states(sampler, dist)
+                rng_states = gather_rng_states(train_generator, dist)
                 if writer is not None:
                     writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                  'scaler': scaler.state_dict(), 'model_config': config.to_dict(),
@@ -200,7 +202,7 @@ def train(cfg, dist, device, explicit=()):
             for group in optimizer.param_groups:
                 group['lr'] = lr
             logging = (iter_num + 1) % cfg.log_interval == 0
-            batches = train_batches(iter_num, sampler, data, device, cfg, dist)
+            batches = train_batches(iter_num, train_generator, data, device, cfg, dist)
             loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
                                          need_grad_norm=logging)
             health.record(loss, iter_num)
@@ -419,14 +421,14 @@ def build_model(cfg, config, device):
     return model, optimizer, autocast, scaler
 
 
-def restore_state(checkpoint, model, optimizer, scaler, sampler, cfg, dist, log_path):
+def restore_state(checkpoint, model, optimizer, scaler, train_generator, cfg, dist, log_path):
     """Weights, optimizer, scaler and RNG states from a checkpoint loaded on the CPU, and the log cut back to its
     iteration; (iter_num, best_val_loss)."""
     model.load_state_dict(checkpoint['model'])  # copies onto the model's device
     optimizer.load_state_dict(checkpoint['optimizer'])  # moves the state to its parameters' device
     scaler.load_state_dict(checkpoint['scaler'])
     ranks = checkpoint['rng']
-    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], sampler)
+    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], train_generator)
     if len(ranks) != dist.world_size:  # another process count: the data order is kept, dropout draws fresh
         torch.manual_seed(cfg.seed + dist.rank + checkpoint['iter_num'])
     if dist.master:

@@ -59,7 +59,7 @@ def test_a_row_is_one_sequence_and_its_pads_carry_no_loss(tmp_path):
 def test_rows_are_visited_once_per_pass_in_a_new_order_each_pass(tmp_path):
     folder = write_rows(tmp_path, n_train=24)
     data = dataloader.TokenData(str(folder), json.loads((folder / 'meta.json').read_text()), seed=7)
-    batches = [data.train_sequences(i, 8, ROW, sampler=None).tolist() for i in range(6)]  # two passes of 3 steps
+    batches = [data.train_sequences(i, 8, ROW, train_generator=None).tolist() for i in range(6)]  # two passes of 3 steps
     first, second = sum(batches[:3], []), sum(batches[3:], [])
     assert sorted(first) == sorted(second) == list(range(24)) and first != second
     # a global batch that straddles two passes: the end of one order, then the start of the next
