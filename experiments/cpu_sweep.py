@@ -25,7 +25,7 @@ SCHEMES = ('pre', 'lns', 'post', 'mix', 'deepnorm', 'peri')
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[12, 24], choices=[12, 24])
     parser.add_argument('--schemes', nargs='+', default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])

@@ -67,7 +67,7 @@ Cell = namedtuple('Cell', 'depth width learning_rate factor')
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[6, 12, 24, 48])
     parser.add_argument('--learning_rates', type=float, nargs='+', default=[1e-3, 3e-3, 1e-2, 3e-2])
     parser.add_argument('--widths', type=int, nargs='*', default=[64, 128, 256], help='none: no width study')
@@ -384,7 +384,8 @@ def report(args, threads):
         'learning_rate': {str(depth): learning_rate_summary(rows, depth) for depth in sorted(args.depths)},
         'findings': findings(args, rows, runs), 'cells': rows, 'layers': layers, 'runs': runs})
     print(markdown_table(rows), flush=True)
-    print('\n'.join(['', 'findings (the numbers experiments/README.md quotes):', *findings(args, rows, runs)]), flush=True)
+    print('\n'.join(['', 'findings (the numbers experiments/README.md quotes):', *findings(args, rows, runs)]),
+          flush=True)
     plot_learning_rates(args, rows)
     if args.widths:
         plot_widths(args, rows)
@@ -400,7 +401,8 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, two-sided 95%,
 
 
 def findings(args, rows, runs):
-    """The numbers experiments/README.md quotes about the study, as lines of text, each computed here from the finished runs."""
+    """The numbers experiments/README.md quotes about the study, as lines of text, each computed here from the
+    finished runs."""
     lines = []
     base = [r for r in rows if r['width'] == BASE_WIDTH and r['factor'] == 'base']
     for depth in sorted({r['depth'] for r in base}):

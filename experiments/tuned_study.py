@@ -46,7 +46,7 @@ BETA2 = 0.999
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[12, 6, 24], help='in the order they run')
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time')

@@ -4,6 +4,7 @@ runs started again, and recipe_study's rule for which cells get more seeds, run 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -420,3 +421,38 @@ def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
                    '4 and 6-24 of 24', '0.0249 nats at 12 blocks and 0.0021 at 24'):
         assert quoted in ' '.join(section.split()), quoted
     assert '0.05 and 0.08 nats' in ' '.join(readme.split())
+
+
+def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
+    """The 12-block table and sentences of experiments/README.md's tuned study, and README's sentence, quote the
+    committed tuned_study.json that `tuned_study.py --no_train --depths 12` wrote: its best rates and losses, its
+    windows and failure points, the printed best-against-best intervals and the beta2 pairs."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'tuned_study.json')) as f:
+        study = json.load(f)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = ' '.join(f.read().split())
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = f.read()
+    section = write_up[write_up.index('## The next study'):write_up.index('## Speed')]
+    rows = {line.split('|')[1].strip(): line for line in section.splitlines() if line.startswith('| ')}
+
+    def rate(value):
+        mantissa, exponent = f"{value:.0e}".split('e')
+        return f"{mantissa}e{int(exponent)}"
+    twelve, = [d for d in study['depths'] if d['depth'] == 12]
+    for scheme, row in (('pre', 'pre'), ('lns', 'lns'), ('lns_gain', 'lns, gain_init')):
+        result = twelve['schemes'][scheme]
+        cells = [cell.strip() for cell in rows[row].split('|')[2:-1]]
+        assert cells == [rate(result['best_learning_rate']), f"{result['best_loss']:.4f}",
+                         ', '.join(map(rate, result['within_tolerance'])), ', '.join(map(rate, result['fails_at']))]
+        assert result['seeds_at_best'] == 5
+    text = ' '.join(section.split())
+    for scheme, words in (('lns', 'LNS\'s best minus Pre-LN\'s best is {} nats over 5 paired seeds (bootstrap 95% '
+                                  '[{}, {}])'), ('lns_gain', 'for gain_init LNS, {} ([{}, {}])')):
+        line, = [f for f in study['findings'] if f"12 blocks, best against best, {scheme} - pre:" in f]
+        gap, low, high = re.search(r': (\S+) over 5 paired seed\(s\), bootstrap 95% \[(\S+), (\S+)\]', line).groups()
+        assert words.format(gap, low, high) in text
+        if scheme == 'lns':
+            assert f"LNS's best minus Pre-LN's is {gap} nats (5 paired seeds, bootstrap 95% [{low}, {high}])" in readme
+    for pair in study['beta2_effect']['12']:
+        assert f"{pair['beta2_0.95']:.4f} to {pair['beta2_0.999']:.4f}" in text, pair
