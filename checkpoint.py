@@ -21,6 +21,8 @@ from dataloader import resolve_data_dir
 from model import GPT, read_checkpoint
 
 
+# ----------------------------------------------------------------------------- a run folder
+
 RUN_FILES = ('ckpt.pt', 'ckpt-*.pt', 'ckpt*.tmp', 'log.jsonl')  # what a run leaves in out_dir
 
 
@@ -194,6 +196,8 @@ def write_atomically(path, state):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
+# ----------------------------------------------------------------------------- a model and its tokenizer
 
 @dataclass
 class LoadedModel:
