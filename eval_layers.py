@@ -50,9 +50,9 @@ def tokens_from_data_folder(folder, loaded, budget):
     meta_path, val_path = os.path.join(folder, 'meta.json'), os.path.join(folder, 'val.bin')
     if not (os.path.exists(meta_path) and os.path.exists(val_path)):
         raise UserError(f"{folder} is not a prepared data folder (meta.json and val.bin); run its prepare.py first")
-    meta = read_meta(folder, needs=('tokenizer', 'vocab_size'))
-    if loaded.tokenizer != 'unknown' and meta['tokenizer'] != loaded.tokenizer:
-        raise UserError(f"{folder} holds {meta['tokenizer']!r} tokens but {loaded.name} reads "
+    meta = read_meta(folder)
+    if loaded.tokenizer != 'unknown' and meta.get('tokenizer') != loaded.tokenizer:
+        raise UserError(f"{folder} holds {meta.get('tokenizer')!r} tokens but {loaded.name} reads "
                         f"{loaded.tokenizer!r} tokens; pass --text FILE, or data prepared with its tokenizer")
     if loaded.chars is not None and meta['chars'] != loaded.chars:
         raise UserError(f"{folder}'s characters are not {loaded.name}'s: {char_difference(meta['chars'], loaded.chars)}"

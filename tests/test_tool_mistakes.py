@@ -160,6 +160,18 @@ def test_a_corrupt_meta_json_is_named(run, char_data, tmp_path, capsys, meta, re
     assert str(data / 'meta.json') in error and "prepare.py again" in error, error
 
 
+
+def test_data_whose_meta_json_names_no_tokenizer_is_read_as_train_py_reads_it(run, char_data, tmp_path):
+    """train.py needs only vocab_size in meta.json; eval_layers reads the same folder (with a run that records no
+    tokenizer either) rather than asking for keys train.py never needed."""
+    data = copy_of_data(char_data, tmp_path / 'data')
+    (data / 'meta.json').write_text('{"vocab_size": 65}')
+    checkpoint = torch.load(run / 'ckpt.pt', weights_only=False)
+    checkpoint['data_meta'] = {'vocab_size': 65}
+    os.makedirs(tmp_path / 'run')
+    torch.save(checkpoint, tmp_path / 'run' / 'ckpt.pt')
+    assert evaluate([str(tmp_path / 'run'), '--data', str(data)]) == 0
+
 def run_with_log(run, folder, lines):
     os.makedirs(folder)
     os.symlink(run / 'ckpt.pt', folder / 'ckpt.pt')
