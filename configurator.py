@@ -20,8 +20,8 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- settings
 
-def read_settings(argv, setting_types, files=True, example='--max_iters=500'):
-    """{setting: value} from command-line arguments: config files (when `files`) and --key=value, applied in order
+def read_settings(argv, setting_types, example='--max_iters=500'):
+    """{setting: value} from command-line arguments: config files and --key=value, applied in order
     (a file that overrides an earlier --key=value is announced); each value checked against setting_types, a
     {name: type} of the script's settings."""
     values, given = {}, {}  # given: the value of each --key=value so far
@@ -32,15 +32,14 @@ def read_settings(argv, setting_types, files=True, example='--max_iters=500'):
                 raise UserError(f"malformed argument {arg!r}; write --key=value, e.g. {example}")
             values[key] = given[key] = check_value(key, parse_literal(raw, setting_types.get(key)), f"--{key}",
                                                    setting_types)
-        elif files and arg.endswith('.py'):
+        elif arg.endswith('.py'):
             for key, value in read_config_file(arg).items():
                 values[key] = check_value(key, value, arg, setting_types)
                 if key in given and given.pop(key) != values[key] and os.environ.get('RANK', '0') == '0':
                     print(f"note: {arg} sets {key}={values[key]!r} over the earlier --{key}; arguments apply in "
                           f"order, so give --key=value after the config files")
         else:
-            raise UserError(f"unexpected argument {arg!r}; give " + ("a config file ending in .py or " if files else '')
-                            + "--key=value")
+            raise UserError(f"unexpected argument {arg!r}; give a config file ending in .py or --key=value")
     return values
 
 

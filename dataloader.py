@@ -45,10 +45,10 @@ def check_data(data_dir, meta, block_size, vocab_size):
                             f"{vocab_size}; prepare the data again or raise vocab_size")
 
 
-def read_meta(data_dir, dataset=None, needs=('vocab_size',)):
+def read_meta(data_dir, dataset=None):
     """meta.json of a prepared data folder; UserError naming the file and the prepare command when the folder is not
-    prepared (checked when the dataset is named: train.bin and val.bin too), meta.json is not JSON, or it lacks a key
-    of `needs` (and, for a character tokenizer, its characters)."""
+    prepared (checked when the dataset is named: train.bin and val.bin too), meta.json is not JSON, or it lacks an
+    int vocab_size (or, for a character tokenizer, its characters)."""
     path = os.path.join(data_dir, 'meta.json')
     prepare = f"python data/{dataset}/prepare.py" if dataset else "the data's prepare.py"
     if dataset:
@@ -62,12 +62,10 @@ def read_meta(data_dir, dataset=None, needs=('vocab_size',)):
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); run {prepare} again") from None
     if not isinstance(meta, dict):
-        meta, missing = {}, list(needs)
-    else:
-        missing = [key for key in needs if key not in meta] + (['chars'] if meta.get('tokenizer') == 'char'
-                                                               and not isinstance(meta.get('chars'), str) else [])
-    if 'vocab_size' in needs and 'vocab_size' not in missing and not isinstance(meta['vocab_size'], int):
-        missing.append('vocab_size')
+        meta = {}
+    char_table = meta.get('tokenizer') != 'char' or isinstance(meta.get('chars'), str)
+    missing = [key for key, present in (('vocab_size', isinstance(meta.get('vocab_size'), int)), ('chars', char_table))
+               if not present]
     if missing:
         raise UserError(f"{path} has no {' or '.join(missing)}; run {prepare} again")
     return meta

@@ -34,10 +34,10 @@ class SampleConfig:
 
 
 def parse_options(argv):
-    """The model and a SampleConfig from `MODEL --key=value ...` (train.py's dialect, without config files);
+    """The model and a SampleConfig from `MODEL --key=value ...` (train.py's dialect; MODEL is every other argument);
     UserError in one sentence for anything else."""
     models = [arg for arg in argv if not arg.startswith('--')]
-    values = read_settings([arg for arg in argv if arg.startswith('--')], get_type_hints(SampleConfig), files=False,
+    values = read_settings([arg for arg in argv if arg.startswith('--')], get_type_hints(SampleConfig),
                            example='--num_samples=5')
     if len(models) != 1:
         raise UserError(f"give one model (a run folder, checkpoint or Hugging Face folder), not {len(models)}")
