@@ -175,8 +175,9 @@ def train(cfg, dist, device, explicit=()):
     try:
         while True:
             last_step = iter_num >= cfg.max_iters
+            evaluating = (iter_num % cfg.eval_interval == 0 or last_step) and iter_num != resumed_at
             improved = False
-            if (iter_num % cfg.eval_interval == 0 or last_step) and iter_num != resumed_at:
+            if evaluating:
                 stopwatch.pause()
                 health.check(iter_num, dist, log_path)
                 val_loss = evaluate(iter_num, model, data, eval_batches, device, autocast, dist, cfg, log_path)
@@ -186,7 +187,8 @@ def train(cfg, dist, device, explicit=()):
             on_schedule = iter_num % checkpoint_interval == 0 or last_step
             if iter_num > 0 and iter_num != resumed_at and (on_schedule if cfg.always_save_checkpoint else improved):
                 stopwatch.pause()
-                health.check(iter_num, dist, log_path)  # a run that has gone non-finite saves nothing
+                if not evaluating:  # a run that has gone non-finite saves nothing (evaluating checked it already)
+                    health.check(iter_num, dist, log_path)
                 rng_states = gather_rng_states(train_generator, dist)
                 if writer is not None:
                     writer.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
