@@ -83,8 +83,9 @@ def bench(cfg, steps, warmup):
 
 
 def training_step_on_random_tokens(cfg, device):
-    """(model, step): the model cfg describes, built as train.py builds it, and a function that runs the
-    trainer's own optimizer step on fixed random tokens and waits for the device."""
+    """(model, step): the model cfg describes, built as train.py builds it, and a function that runs one optimizer
+    step on fixed random tokens, as train.py's loop does it (tests/test_gpu_path.py checks that the two agree), and
+    waits for the device."""
     try:  # the dataset's vocabulary when it is prepared, else GPT-2's padded one
         data_dir = dataloader.resolve_data_dir(cfg.data_dir, cfg.dataset)
         vocab_size = dataloader.read_meta(data_dir, cfg.dataset)['vocab_size']
@@ -98,11 +99,26 @@ def training_step_on_random_tokens(cfg, device):
                for _ in range(cfg.gradient_accumulation_steps)]
 
     def step():
-        micro_batches = ((batch[:, :-1], batch[:, 1:]) for batch in batches)
-        loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, micro_batches, cfg,
-                                   configurator.Distributed(), need_grad_norm=False)
+        loss = optimizer_step(train_model, model, optimizer, scaler, autocast,
+                              [(batch[:, :-1], batch[:, 1:]) for batch in batches], cfg.grad_clip)
         return loss.item()  # waits for the device
     return model, step
+
+
+def optimizer_step(train_model, model, optimizer, scaler, autocast, micro_batches, grad_clip):
+    """The work of one step of train.py's loop in one process: forward and backward per micro-batch, clip, update;
+    the last micro-batch's loss."""
+    for x, y in micro_batches:
+        with autocast:
+            _, loss = train_model(x, y, return_logits=False)
+        scaler.scale(loss / len(micro_batches)).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=False)
+    return loss
 
 
 def report(cfg, model, device, warmup_seconds, seconds_per_step):

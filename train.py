@@ -6,8 +6,9 @@ Trains a GPT or Llama model (model.py) on a prepared token dataset (data/<datase
     torchrun --standalone --nproc_per_node=8 train.py config/llama_350m_lns.py   # DDP on 8 GPUs
 
 The trainer's settings are the fields of TrainConfig below, their defaults the documentation; the model's are
-model.GPTConfig's fields, set by name the same way. train() below is the whole loop, train_step() one optimizer
-step; the set-up, the schedule and the evaluation they call follow them, in that order. Beside this file:
+model.GPTConfig's fields, set by name the same way. train() below is the whole loop: evaluation, saving, and each
+optimizer step's forward, backward, clip and update; the set-up, the schedule and the evaluation it calls follow
+it, in that order. Beside this file:
 dataloader.py (the data and its batches), checkpoint.py (the run folder: checkpoints, log, resume) and
 configurator.py (settings, processes, devices).
 """
@@ -172,6 +173,7 @@ def train(cfg, dist, device, explicit=()):
     health, stopwatch = TrainingHealth(device), Stopwatch(device)
     progress = Progress(cfg, model, device, dist, log_path)
     checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size  # this process's share of the step
     try:
         while True:
             last_step = iter_num >= cfg.max_iters
@@ -199,15 +201,33 @@ def train(cfg, dist, device, explicit=()):
             if last_step:
                 break
 
+            # one optimizer step: the learning rate, then forward and backward over this process's micro-batches
             stopwatch.resume()
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            logging = (iter_num + 1) % cfg.log_interval == 0
             batches = train_batches(iter_num, train_generator, data, device, cfg, dist)
-            loss, grad_norm = train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
-                                         need_grad_norm=logging)
-            health.record(loss, iter_num)
+            x, y = next(batches)
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(micro_steps):
+                if dist.ddp:  # average gradients across processes only after the last micro-step
+                    train_model.require_backward_grad_sync = micro_step == micro_steps - 1
+                with autocast:
+                    _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
+                x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
+                scaler.scale(loss / micro_steps).backward()
+                loss_sum += loss.detach()  # kept on the device: nothing in a step waits for the GPU
+            logging = (iter_num + 1) % cfg.log_interval == 0
+            grad_norm = None
+            if cfg.grad_clip > 0 or logging:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+            scaler.step(optimizer)
+            scaler.update()
+            # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed
+            # one would come back as a second, separate copy in the next micro-steps without sync
+            optimizer.zero_grad(set_to_none=False)
+            health.record(loss_sum / micro_steps, iter_num)
             iter_num += 1
             stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
             if logging:
@@ -230,33 +250,6 @@ def train(cfg, dist, device, explicit=()):
               f"  python sample.py {cfg.out_dir}            # text from the model\n"
               f"  python hf.py {cfg.out_dir} hf/{name}      # a Hugging Face folder")
     return best_val_loss
-
-
-def train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm):
-    """One optimizer step over this process's micro-batches (an iterator of (x, y) on the device). Returns the mean
-    loss of its micro-steps and the gradient norm (None unless clipping or need_grad_norm), as tensors left on the
-    device: nothing here waits for the GPU, so the host reads the next batch while the device still computes."""
-    micro_steps = cfg.gradient_accumulation_steps // dist.world_size
-    x, y = next(batches)
-    loss_sum = torch.zeros((), device=x.device)
-    for micro_step in range(micro_steps):
-        if dist.ddp:  # average gradients across processes only after the last micro-step
-            train_model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with autocast:
-            _, loss = train_model(x, y, return_logits=False)  # the logits would live through backward
-        x, y = next(batches, (None, None))  # read and copy the next micro-batch while this one computes
-        scaler.scale(loss / micro_steps).backward()
-        loss_sum += loss.detach()
-    grad_norm = None
-    if cfg.grad_clip > 0 or need_grad_norm:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-    scaler.step(optimizer)
-    scaler.update()
-    # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed one
-    # would come back as a second, separate copy in the next micro-steps without sync
-    optimizer.zero_grad(set_to_none=False)
-    return loss_sum / micro_steps, grad_norm
 
 
 def wrap_for_training(model, cfg, dist, device):

@@ -13,8 +13,6 @@ import pytest
 import torch
 
 import checkpoint
-import configurator
-import dataloader
 import train
 from conftest import ROOT, read_log
 from test_rows import write_rows
@@ -76,42 +74,39 @@ def test_ddp_under_torchrun_with_one_process_uses_nccl_and_resumes(tmp_path, cha
 
 @pytest.mark.parametrize('compiled', [False, True])
 @pytest.mark.parametrize('dtype', ['pure_bfloat16', 'bfloat16'])
-def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, dtype, compiled):
+def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, monkeypatch, dtype, compiled):
     """The loop's work per step (the learning rate, reading rows into pinned memory and copying them without
     waiting, the micro-steps, the optimizer step, the loss's health record) only queues work on the GPU, so that the
     host reads the next batch while the device computes. A hidden wait (an .item(), a copy from pageable memory, a
-    shape that depends on the data) raises under sync debug mode 'error'. Logging, evaluating and saving wait on
-    purpose and are no part of a step; the paper configs clip nothing (grad_clip 0)."""
+    shape that depends on the data) raises under sync debug mode 'error', which is on from each step's learning-rate
+    lookup to its health record, after the first step. Logging, evaluating and saving wait on purpose and are no
+    part of a step; the paper configs clip nothing (grad_clip 0)."""
     write_rows(tmp_path, n_train=128, n_val=128, row_length=32, vocab=256, longest=32)
     meta = json.loads((tmp_path / 'meta.json').read_text())
-    cfg = train.parse_config(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',
-                              f"--block_size={meta['row_length']}", '--gradient_accumulation_steps=2', '--grad_clip=0',
-                              '--device=cuda', f'--dtype={dtype}', f'--compile={compiled}', f'--data_dir={tmp_path}'])
-    device, dist = torch.device('cuda'), configurator.Distributed()
-    model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, meta['vocab_size']), device)
-    train_model = train.wrap_for_training(model, cfg, dist, device)
-    data, sampler = dataloader.TokenData(str(tmp_path), meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    health = train.TrainingHealth(device)
+    get_lr, record, steps = train.get_lr, train.TrainingHealth.record, []
 
-    def step(iter_num):
-        for group in optimizer.param_groups:
-            group['lr'] = train.get_lr(iter_num, cfg)
-        batches = dataloader.train_batches(iter_num, sampler, data, device, cfg, dist)
-        loss, _ = train.train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist,
-                                   need_grad_norm=False)
-        health.record(loss, iter_num)
+    def step_begins(iter_num, cfg):
+        steps.append(iter_num)
+        if iter_num > 0:  # the first step compiles, autotunes and makes the optimizer's state: it may wait, once
+            torch.cuda.set_sync_debug_mode('error')
+        return get_lr(iter_num, cfg)
 
-    step(0)  # compilation, autotuning and the optimizer's state may wait for the GPU, once
-    torch.cuda.set_sync_debug_mode('error')
+    def step_ends(*args):
+        record(*args)
+        torch.cuda.set_sync_debug_mode('default')
+    monkeypatch.setattr(train, 'get_lr', step_begins)
+    monkeypatch.setattr(train.TrainingHealth, 'record', step_ends)
+    out_dir = tmp_path / 'run'
     try:
-        for iter_num in range(1, 4):
-            step(iter_num)
+        assert train.main(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',
+                           f"--block_size={meta['row_length']}", '--gradient_accumulation_steps=2', '--grad_clip=0',
+                           '--device=cuda', f'--dtype={dtype}', f'--compile={compiled}', f'--data_dir={tmp_path}',
+                           f'--out_dir={out_dir}', '--max_iters=4', '--eval_interval=100', '--log_interval=100']) == 0
     finally:
         torch.cuda.set_sync_debug_mode('default')
-    torch.cuda.synchronize()
-    loss = health.check(3, dist, str(tmp_path / 'log.jsonl'))
+    loss = [r for r in read_log(out_dir) if 'val_loss' in r][-1]['train_loss']
     print(f"no GPU synchronization in 3 training steps, {dtype}, compile={compiled}: loss {loss:.3f}")
-    assert math.isfinite(loss)
+    assert steps == [0, 1, 2, 3] and math.isfinite(loss)
 
 
 def test_background_save_copies_gpu_tensors_before_training_changes_them(tmp_path):

@@ -58,43 +58,45 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_d
 
 
 class SyncCounter:
-    """Counts the calls, made from train.py or model.py, of the tensor methods that wait for the device."""
+    """Counts the calls, made from our modules, of the tensor methods that wait for the device: in `steps` those
+    made during an optimizer step of train.py's loop (from its learning-rate lookup to the loss's health record,
+    which end each step), in `outside` the others; `step_count` is the number of steps seen."""
     METHODS = ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__')
 
     def __init__(self, monkeypatch):
-        self.calls = []
+        self.steps, self.outside, self.step_count, self.in_step = [], [], 0, False
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self.wrap(name, original))
+        get_lr, record = train.get_lr, train.TrainingHealth.record
+
+        def step_begins(*args):
+            self.in_step, self.step_count = True, self.step_count + 1
+            return get_lr(*args)
+
+        def step_ends(*args):
+            record(*args)
+            self.in_step = False
+        monkeypatch.setattr(train, 'get_lr', step_begins)
+        monkeypatch.setattr(train.TrainingHealth, 'record', step_ends)
 
     def wrap(self, name, original):
         def counted(tensor, *args, **kwargs):
             caller = sys._getframe(1).f_code
             if os.path.abspath(caller.co_filename) in OUR_FILES:
-                self.calls.append(f'{name} in {caller.co_name}')
+                (self.steps if self.in_step else self.outside).append(f'{name} in {caller.co_name}')
             return original(tensor, *args, **kwargs)
         return counted
 
 
 @pytest.mark.parametrize('extra', [[], ['--gradient_accumulation_steps=2', '--grad_clip=1.0', '--dropout=0.1']])
-def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatch, char_data, extra):
-    cfg = train.parse_config(TINY + [f'--data_dir={char_data}'] + extra)
-    config = train.model_config(cfg, dataloader.read_meta(char_data, 'shakespeare_char')['vocab_size'])
-    model = GPT(config)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'cpu')
-    autocast, scaler = configurator.mixed_precision('float32', torch.device('cpu'))
-    health = train.TrainingHealth(torch.device('cpu'))
+def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatch, tmp_path, char_data, extra):
     counter = SyncCounter(monkeypatch)
-    for iter_num in range(3):
-        data = dataloader.TokenData(char_data, dataloader.read_meta(char_data, 'shakespeare_char'), cfg.seed)
-        batches = dataloader.train_batches(iter_num, torch.Generator(), data, torch.device('cpu'), cfg, configurator.Distributed())
-        loss, grad_norm = train.train_step(model, model, optimizer, scaler, autocast, batches, cfg,
-                                           configurator.Distributed(), need_grad_norm=False)
-        health.record(loss, iter_num)
-    assert counter.calls == []
-    assert loss.dim() == 0 and (grad_norm is None) == (cfg.grad_clip == 0)
-    # the check made when logging does read the device, and finds the run healthy
-    assert 0 < health.check(3, configurator.Distributed(), os.devnull) < 10 and counter.calls
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=4',
+                              '--eval_interval=100', '--log_interval=100'] + extra) == 0
+    assert counter.step_count == 4 and counter.steps == []
+    # the evaluations and the save around the steps do read the device
+    assert any('in estimate_loss' in call for call in counter.outside), counter.outside
 
 
 def test_the_first_non_finite_iteration_is_found_without_reading_each_step():
@@ -244,28 +246,48 @@ def test_the_depth_diagnostics_need_a_fraction_of_a_micro_batch_s_memory_at_the_
     assert len(train.diagnostic_sequences(torch.arange(32), 64)) == 16  # the CPU configs' 64-token sequences
 
 
-def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path):
+def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path, char_data, monkeypatch):
     """With gradient_as_bucket_view, DDP makes each .grad a view into its all-reduce buckets. A gradient freed
     between steps (zero_grad's set_to_none) comes back in the next micro-steps without sync as a separate tensor
     beside the buckets: a second gradient-sized copy. So at every micro-step after the first optimizer step, every
-    gradient must exist and share storage with the one bucket of this small model."""
-    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
-    try:
-        cfg = train.parse_config(TINY + ['--gradient_accumulation_steps=3', '--vocab_size=65'])
-        dist = configurator.Distributed(rank=0, local_rank=0, world_size=1, ddp=True)
-        model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, 65), torch.device('cpu'))
-        train_model = train.wrap_for_training(model, cfg, dist, torch.device('cpu'))
-        storages = []
-        model.register_forward_pre_hook(lambda *_: storages.append(
-            {p.grad.untyped_storage().data_ptr() if p.grad is not None else None for p in model.parameters()}))
-        for _ in range(3):
-            batches = ((torch.randint(65, (cfg.batch_size, cfg.block_size)),) * 2 for _ in range(3))
-            train.train_step(train_model, model, optimizer, scaler, autocast, batches, cfg, dist, need_grad_norm=False)
-    finally:
-        torch.distributed.destroy_process_group()
+    gradient must exist and share storage with the one bucket of this small model. The run is a one-process DDP
+    job, set up as torchrun sets it up."""
+    for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    storages, build_model = [], train.build_model
+
+    def build_and_watch(*args):
+        model, *rest = build_model(*args)
+        model.register_forward_pre_hook(lambda module, _: storages.append(
+            {p.grad.untyped_storage().data_ptr() if p.grad is not None else None for p in module.parameters()})
+            if module.training else None)  # training forwards only, not the evaluations'
+        return (model, *rest)
+    monkeypatch.setattr(train, 'build_model', build_and_watch)
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--gradient_accumulation_steps=3',
+                              '--max_iters=3', '--eval_interval=100', '--log_interval=100']) == 0
     assert len(storages) == 9
     assert all(len(seen) == 1 and None not in seen for seen in storages[3:])
     assert len(storages[3] | storages[-1]) == 1  # the same bucket throughout
+
+
+def test_the_benchmark_s_optimizer_step_is_the_trainer_s(tmp_path, char_data):
+    """bench.py times its own copy of the loop's step; on the trainer's batches it must reach the trainer's weights
+    exactly (micro-steps, loss scaling, clipping, zeroing)."""
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=3', '--decay_lr=False',
+                   '--gradient_accumulation_steps=2', '--grad_clip=0.5', '--eval_interval=100', '--log_interval=100']
+    assert train.main(argv) == 0
+    cfg, cpu, one = train.resolve_batch(train.parse_config(argv), 1), torch.device('cpu'), configurator.Distributed()
+    meta = dataloader.read_meta(char_data, cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, meta['vocab_size']), cpu)
+    data, generator = dataloader.TokenData(char_data, meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    for iter_num in range(3):
+        micro_batches = list(dataloader.train_batches(iter_num, generator, data, cpu, cfg, one))
+        bench.optimizer_step(model, model, optimizer, scaler, autocast, micro_batches, cfg.grad_clip)
+    trained = read_checkpoint(tmp_path / 'ckpt.pt')['model']
+    assert trained.keys() == model.state_dict().keys()
+    assert all(torch.equal(trained[name], value) for name, value in model.state_dict().items())
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='reads the mappings of a Linux process')
