@@ -278,29 +278,22 @@ def write_json(path, data):
         json.dump(data, f, indent=1)
 
 
-def main(argv):
-    if '-h' in argv or '--help' in argv:
-        print(f"usage: python bench.py [config/file.py ...] [--key=value ...] [--steps=N] [--warmup=N]\n{__doc__}")
-        return 0
-    try:
-        if argv and argv[0] == '--paper':
-            if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
-                raise configurator.UserError("--paper takes only --json FILE")
-            print(paper_table(argv[2] if len(argv) == 3 else None))
-            return 0
-        if argv == ['--memory']:
-            print(memory_table())
-            return 0
-        if argv and argv[0] == '--table':
-            if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
-                raise configurator.UserError("--table takes only --json FILE")
-            print(table(argv[2] if len(argv) == 3 else None))
-            return 0
-        steps, warmup, rest = split_bench_args(argv)
-        result = bench(train.parse_config(rest), steps, warmup)
-    except configurator.UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def run(argv):
+    if argv and argv[0] == '--paper':
+        if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
+            raise configurator.UserError("--paper takes only --json FILE")
+        print(paper_table(argv[2] if len(argv) == 3 else None))
+        return
+    if argv == ['--memory']:
+        print(memory_table())
+        return
+    if argv and argv[0] == '--table':
+        if argv[1:] and not (len(argv) == 3 and argv[1] == '--json'):
+            raise configurator.UserError("--table takes only --json FILE")
+        print(table(argv[2] if len(argv) == 3 else None))
+        return
+    steps, warmup, rest = split_bench_args(argv)
+    result = bench(train.parse_config(rest), steps, warmup)
     print(f"{result['arch']} {result['norm_scheme']}, {result['n_layer']} x {result['n_embd']}, "
           f"{result['parameters']:,} parameters, {result['dtype']}, compile={result['compile']}, on "
           f"{result['device']} ({result['threads']} threads): {result['ms_per_step']:.1f} ms/step, "
@@ -308,7 +301,14 @@ def main(argv):
           f"({result['peak_flops'] / 1e12:.2f} TFLOP/s), peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MiB "
           f"({result['peak_memory_source']}); warm-up {result['warmup_seconds']:.1f} s")
     print(json.dumps(result))
-    return 0
+
+
+def usage():
+    return f"usage: python bench.py [config/file.py ...] [--key=value ...] [--steps=N] [--warmup=N]\n{__doc__}"
+
+
+def main(argv):
+    return configurator.run_main(run, argv, usage)
 
 
 if __name__ == '__main__':

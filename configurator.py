@@ -1,11 +1,12 @@
 """
 The settings of train.py and sample.py, from config files and --key=value arguments; the one error a user can
-fix, for every script; the processes, devices and precisions a run uses.
+fix and the one main wrapper, for every script; the processes, devices and precisions a run uses.
 """
 
 import ast
 import datetime
 import os
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,7 +16,24 @@ import torch
 
 
 class UserError(Exception):
-    """A problem the user can fix; each script's main() prints its one-sentence message and exits non-zero."""
+    """A problem the user can fix: run_main prints its one-sentence message and exits with exit_status."""
+    exit_status = 1
+
+
+def run_main(run, argv, usage=None):
+    """Every script's exit status: run(argv), 0 when it returns; a UserError's one sentence on stderr and its
+    exit_status. With usage, -h or --help prints usage() instead (argparse scripts answer those themselves)."""
+    if usage is not None and ('-h' in argv or '--help' in argv):
+        print(usage())
+        return 0
+    try:
+        run(argv)
+    except UserError as error:
+        # every process reports its own error: on a multi-node run the failing rank may not be rank 0
+        rank = int(os.environ.get('RANK', 0))
+        print(f"{f'[rank {rank}] ' if rank else ''}error: {error}", file=sys.stderr)
+        return error.exit_status
+    return 0
 
 
 # ----------------------------------------------------------------------------- settings

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_model, read_log, run_names
-from configurator import EVAL_DTYPES, UserError, autocast, resolve_device
+from configurator import EVAL_DTYPES, UserError, autocast, resolve_device, run_main
 from dataloader import open_tokens, read_meta
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
@@ -484,12 +484,7 @@ def run(args):
 
 
 def main(argv):
-    try:
-        run(parse_args(argv))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 
+from configurator import UserError, run_main
 from model import GPT, GPTConfig, read_checkpoint
 
 HF_MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
@@ -69,7 +70,7 @@ def config_from_hf(hf):
             raise ValueError(f"{model_type} checkpoints with {setting}={value!r} are not supported; "
                              f"from_hf reproduces {setting}={' or '.join(map(repr, supported))}")
     if model_type == 'gpt2':
-        return GPTConfig(arch='gpt', n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
+        return GPTConfig(arch='gpt', norm_scheme='pre', n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                          ffn_hidden=hf.get('n_inner'), block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
                          bias=True, norm_eps=hf.get('layer_norm_epsilon', 1e-5),
                          tie_embeddings=hf.get('tie_word_embeddings', True))
@@ -83,7 +84,7 @@ def config_from_hf(hf):
     block_size = hf['max_position_embeddings']
     if (model_type == 'mistral' or hf.get('use_sliding_window')) and hf.get('sliding_window'):
         block_size = min(block_size, hf['sliding_window'])
-    return GPTConfig(arch='llama', n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
+    return GPTConfig(arch='llama', norm_scheme='pre', n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
                      n_kv_head=hf.get('num_key_value_heads'), n_embd=hf['hidden_size'],
                      ffn_hidden=hf['intermediate_size'], block_size=block_size, vocab_size=hf['vocab_size'],
                      bias=attention_bias, qkv_bias=attention_bias or model_type == 'qwen2',
@@ -427,7 +428,7 @@ def replace_folder(new, folder):
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv):
+def export(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', metavar='RUN_OR_CHECKPOINT', help='a run folder of train.py or a checkpoint file')
     parser.add_argument('folder', metavar='HF_FOLDER', help='the Hugging Face folder to write')
@@ -438,14 +439,16 @@ def main(argv):
         model = GPT.from_checkpoint(checkpoint)
         tokenizer_note = to_hf(model, args.folder, checkpoint.get('data_meta'))
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise UserError(str(error)) from None
     config, architecture = model.config, config_to_hf(model.config)['architectures'][0]
     folded = ' with 1/sqrt(l) folded into the weights' if config.norm_scheme == 'lns' else ''
     print(f"wrote {args.folder}: {config.norm_scheme} {config.arch} model{folded} as {architecture}; "
           f"{tokenizer_note}")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({args.folder!r})")
-    return 0
+
+
+def main(argv):
+    return run_main(export, argv)
 
 
 if __name__ == '__main__':

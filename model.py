@@ -34,13 +34,15 @@ EARLIER_LNS_POSITIONS = {'norm': 'both_norms', 'attn': 'attn_norm', 'mlp': 'mlp_
 
 @dataclass
 class GPTConfig:
+    # the defaults are train.py's default run, a small deep Llama with LNS (GPT-2 small: arch='gpt',
+    # norm_scheme='pre', n_head=12, n_embd=768)
     # 'gpt': GPT-2 (LayerNorm, learned positions, GELU); 'llama': RMSNorm, RoPE, SwiGLU, grouped-query attention
-    arch: str = 'gpt'
-    norm_scheme: str = 'pre'             # see the module docstring
+    arch: str = 'llama'
+    norm_scheme: str = 'lns'             # see the module docstring
     n_layer: int = 12
-    n_head: int = 12
+    n_head: int = 4
     n_kv_head: Optional[int] = None      # key/value heads for grouped-query attention; None: n_head
-    n_embd: int = 768
+    n_embd: int = 128
     ffn_hidden: Optional[int] = None     # MLP hidden size; None: 4*n_embd (gpt), 8/3*n_embd to a multiple of 8 (llama)
     block_size: int = 1024               # longest sequence the model accepts
     vocab_size: int = 50304              # GPT-2's 50257 tokens padded to a multiple of 64

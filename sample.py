@@ -17,7 +17,7 @@ from typing import Optional, get_type_hints
 import torch
 
 from checkpoint import load_model
-from configurator import EVAL_DTYPES, UserError, autocast, read_settings, resolve_device
+from configurator import EVAL_DTYPES, UserError, autocast, read_settings, resolve_device, run_main
 
 
 @dataclass
@@ -113,15 +113,7 @@ def usage():
 
 
 def main(argv):
-    if '-h' in argv or '--help' in argv:
-        print(usage())
-        return 0
-    try:
-        sample(*parse_options(argv))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda argv: sample(*parse_options(argv)), argv, usage)
 
 
 if __name__ == '__main__':

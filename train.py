@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointWriter, append_log, delete_run, existing_run, gather_rng_states, \
     load_resume_checkpoint, restore_rng_state, truncate_log
-from configurator import (DTYPES, UserError, all_reduce, mixed_precision, peak_flops, read_settings,
+from configurator import (DTYPES, UserError, all_reduce, mixed_precision, peak_flops, read_settings, run_main,
                           setup_distributed, synchronize)
 from dataloader import TokenData, check_data, data_fingerprint, read_meta, resolve_data_dir, train_batches
 from model import GPT, GPTConfig
@@ -70,11 +70,9 @@ class TrainConfig:
                                            # gradient_accumulation_steps
     gradient_accumulation_steps: int = 1   # without global_batch_size: micro-steps per optimizer step, all processes
                                            # together (torchrun divides them, as nanoGPT's)
-    # the model: settings of model.GPTConfig, which declares, defaults and documents each one. Config files and
-    # --key=value set them by name like any other setting (--n_layer=24); vocab_size unset or None: the dataset's.
-    # The default run is a small deep Llama with LNS; every setting not named here takes GPTConfig's default.
-    model: dict = field(default_factory=lambda: dict(arch='llama', norm_scheme='lns', n_layer=12, n_head=4,
-                                                     n_embd=128))
+    # the model: the settings of model.GPTConfig given, each by name like any other setting (--n_layer=24); the
+    # rest take GPTConfig's defaults (a small deep Llama with LNS); vocab_size unset or None: the dataset's
+    model: dict = field(default_factory=dict)
     # AdamW
     learning_rate: float = 2e-3            # peak learning rate
     max_iters: int = 1500                  # optimizer steps in all
@@ -121,11 +119,13 @@ DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the pape
 
 
 class Diverged(UserError):
-    """A non-finite loss: the run stops without saving, and the exit status says so (3)."""
+    """A non-finite loss: the run stops without saving, and the exit status says so."""
+    exit_status = 3
 
 
 class Interrupted(UserError):
-    """Ctrl-C: the save in flight is finished, the message says where the last checkpoint is (exit status 130)."""
+    """Ctrl-C: the save in flight is finished, the message says where the last checkpoint is."""
+    exit_status = 130
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -683,32 +683,27 @@ def usage():
     model = ', '.join(f"{key}={value!r}" for key, value in TrainConfig().settings().items()
                       if key in MODEL_KEYS)
     return (f"{__doc__.strip()}\n\nThe trainer's settings, with their defaults:\n{source.rstrip()}\n\nThe model's "
-            f"settings (model.GPTConfig's fields, documented there), with the trainer's defaults:\n"
+            f"settings (model.GPTConfig's fields, documented there), with their defaults:\n"
             + textwrap.fill(model, width=116, initial_indent='    ', subsequent_indent='    '))
 
 
-def main(argv):
-    if '-h' in argv or '--help' in argv:
-        print(usage())
-        return 0
+def run(argv):
+    """Trains the run the arguments describe, in each process torchrun starts (or the one process)."""
     dist = None
     try:
         cfg = parse_config(argv)
         dist, device = setup_distributed(cfg)
         explicit = {arg[2:].partition('=')[0] for arg in argv if arg.startswith('--')}
         train(cfg, dist, device, explicit)
-    except UserError as error:
-        # every process reports its own error: on a multi-node run the failing rank may not be rank 0
-        prefix = f"[rank {dist.rank}] " if dist is not None and dist.ddp and not dist.master else ''
-        print(f"{prefix}error: {error}", file=sys.stderr)
-        return {Diverged: 3, Interrupted: 130}.get(type(error), 1)
-    except KeyboardInterrupt:
-        print("error: interrupted before training began; nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # during training, train() turns it into Interrupted, naming the last checkpoint
+        raise Interrupted("interrupted before training began; nothing was saved") from None
     finally:
         if dist is not None and dist.ddp:
             torch.distributed.destroy_process_group()
-    return 0
+
+
+def main(argv):
+    return run_main(run, argv, usage)
 
 
 if __name__ == '__main__':

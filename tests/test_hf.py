@@ -138,7 +138,8 @@ def random_model(**settings):
     """Our tiny model with every parameter random: norm weights and biases away from 1 and 0 and residual gains
     away from their init, so that a factor folded into the wrong place, or forgotten, changes the logits."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**dict(dict(n_layer=3, n_head=4, n_embd=32, block_size=64, vocab_size=120), **settings)))
+    model = GPT(GPTConfig(**{**dict(norm_scheme='pre', n_layer=3, n_head=4, n_embd=32, block_size=64, vocab_size=120),
+                             **settings}))
     for name, p in model.named_parameters():
         if name.endswith('_gain'):
             p.copy_(0.5 + torch.rand_like(p))

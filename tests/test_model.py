@@ -154,7 +154,7 @@ def test_llama_defaults_follow_the_paper_recipe():
     config = GPTConfig(arch='llama', n_embd=1024, n_head=16)
     assert (config.bias, config.tie_embeddings, config.norm_eps, config.n_kv_head) == (False, False, 1e-6, 16)
     assert config.ffn_hidden == 2736  # the paper's 350M hidden size: 8/3 * 1024 rounded up to a multiple of 8
-    gpt = GPTConfig(arch='gpt')
+    gpt = GPTConfig(arch='gpt', n_embd=768, n_head=12)
     assert (gpt.bias, gpt.tie_embeddings, gpt.norm_eps, gpt.ffn_hidden) == (True, True, 1e-5, 4 * 768)
 
 
