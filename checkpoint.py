@@ -78,10 +78,7 @@ def truncate_log(path, last_iter):
     """Drops log records after last_iter (written by a run that died after its last checkpoint), and a last line
     that a kill cut short."""
     records = [record for record in read_log(path) if record['iter'] <= last_iter]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(record) + '\n' for record in records)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.writelines((json.dumps(record) + '\n').encode() for record in records))
 
 
 _log_lock = threading.Lock()  # the checkpoint writer's thread logs too
@@ -171,7 +168,7 @@ def to_cpu(state):
 def save_checkpoint(out_dir, state, keep_last_n=0):
     """Writes out_dir/ckpt.pt atomically, keeping the keep_last_n previous ones as ckpt-<iter>.pt."""
     numbered = os.path.join(out_dir, f"ckpt-{state['iter_num']:07d}.pt")
-    write_atomically(numbered, state)
+    write_atomically(numbered, lambda f: torch.save(state, f))
     latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt.pt.tmp')
     if os.path.lexists(tmp):
         os.remove(tmp)
@@ -187,11 +184,11 @@ def save_checkpoint(out_dir, state, keep_last_n=0):
         os.remove(old)
 
 
-def write_atomically(path, state):
-    """torch.save to a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
+def write_atomically(path, write):
+    """write(file) into a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
