@@ -10,13 +10,15 @@ steps of 32 x 64 characters, width 64) but with Adam's beta2 at 0.999, over a fi
 
 The rule, depth by depth (12 first, then 6 and 24): every (rate, scheme) cell is screened with seed 0; the grid
 grows past an edge where a scheme's best rate sits on it; then 5 seeds at each scheme's best rate and its two
-neighbours, and 3 seeds on both sides of every place where an LNS mode's gap to Pre-LN changes sign. A run is
-finished when its log holds the final validation loss or a divergence; finished runs are skipped.
+neighbours, and 3 seeds on both sides of every place where an LNS mode's gap to Pre-LN changes sign; then seed 0
+at each scheme's best rate is trained again (folder suffix _rerun). A run is finished when its log holds the final
+validation loss or a divergence; finished runs are skipped.
 
 Reports, per depth: each scheme's best rate and mean loss there, the best-against-best gap of each LNS mode to
 Pre-LN paired by seed with a bootstrap 95% interval, the rates within 0.02 nats of each best, and where each scheme
-fails (diverges, or ends more than FAILED nats above its best); beside it the same seeds rerun where they exist,
-and beta2's effect (seed 0 of the recipe study's beta2 = 0.95 runs against these at the rates both ran).
+fails (diverges, or ends more than FAILED nats above its best); beside it how far training seed 0 again moved its
+loss, against the seeds' spread, and beta2's effect (seed 0 of the recipe study's beta2 = 0.95 runs against these
+at the rates both ran).
 Writes experiments/results/tuned_study.json and experiments/figures/tuned_*.png; runs go to
 experiments/runs/tuned_study/, whose logs and train.out are committed.
 """
@@ -65,8 +67,9 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- runs
 
-def run_dir(args, depth, learning_rate, scheme, seed):
-    return os.path.join(args.runs, f'd{depth}_lr{learning_rate:g}_{scheme}_s{seed}')
+def run_dir(args, depth, learning_rate, scheme, seed, rerun=False):
+    """A run's folder; a rerun (the same settings and seed, trained again) has '_rerun' after the seed."""
+    return os.path.join(args.runs, f"d{depth}_lr{learning_rate:g}_{scheme}_s{seed}{'_rerun' if rerun else ''}")
 
 
 def trainer_arguments(args, depth, learning_rate, scheme, seed):
@@ -84,7 +87,7 @@ def losses(args, depth):
     found = {scheme: {} for scheme in SCHEMES}
     prefix = f'd{depth}_lr'
     for name in sorted(os.listdir(args.runs)) if os.path.isdir(args.runs) else []:
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or name.endswith('_rerun'):
             continue
         rate, rest = name[len(prefix):].split('_', 1)  # run_dir's name: <rate>_<scheme>_s<seed>
         scheme, seed = rest.rsplit('_s', 1)
@@ -140,22 +143,28 @@ def seeds_wanted(depth_losses, rates):
 
 
 def plan(args, depth):
-    """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks."""
+    """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks, else
+    a rerun of seed 0 at each scheme's best rate (how far the same run trained again moves its loss)."""
     depth_losses = losses(args, depth)
     rates = grid(depth_losses)
     screen = [(depth, rate, scheme, 0) for rate in rates for scheme in SCHEMES
               if 0 not in depth_losses[scheme].get(rate, {})]
     if screen:
         return screen
-    return [(depth, rate, scheme, seed) for (scheme, rate), count in sorted(seeds_wanted(depth_losses, rates).items())
-            for seed in range(count) if seed not in depth_losses[scheme].get(rate, {})]
+    seeds = [(depth, rate, scheme, seed) for (scheme, rate), count in sorted(seeds_wanted(depth_losses, rates).items())
+             for seed in range(count) if seed not in depth_losses[scheme].get(rate, {})]
+    if seeds:
+        return seeds
+    return [(depth, best_rate(by_rate), scheme, 0, True) for scheme, by_rate in depth_losses.items()
+            if not outcome(run_dir(args, depth, best_rate(by_rate), scheme, 0, rerun=True), args.steps)]
 
 
-def run_one(args, threads, depth, rate, scheme, seed):
+def run_one(args, threads, depth, rate, scheme, seed, rerun=False):
     start = time.time()
-    state = train(run_dir(args, depth, rate, scheme, seed), trainer_arguments(args, depth, rate, scheme, seed),
+    state = train(run_dir(args, depth, rate, scheme, seed, rerun), trainer_arguments(args, depth, rate, scheme, seed),
                   args.steps, threads)
-    print(f"{state}: {depth} blocks, lr {rate:g}, {scheme}, seed {seed} ({time.time() - start:.0f} s)", flush=True)
+    print(f"{state}: {depth} blocks, lr {rate:g}, {scheme}, seed {seed}{', rerun' if rerun else ''} "
+          f"({time.time() - start:.0f} s)", flush=True)
 
 
 def study(args, threads):
@@ -200,7 +209,8 @@ def depth_report(args, depth):
             'within_tolerance': sorted(rate for rate, loss in means.items() if loss <= means[best] + TOLERANCE),
             'fails_at': sorted(rate for rate, loss in means.items() if loss > means[best] + FAILED),
             'by_rate': {f'{rate:g}': {str(seed): loss for seed, loss in seeds.items()}
-                        for rate, seeds in sorted(by_rate.items())}}
+                        for rate, seeds in sorted(by_rate.items())},
+            'rerun': rerun(args, depth, best, scheme, by_rate[best])}
     for mode in LNS_MODES:
         if {'pre', mode} <= set(report['schemes']):
             pre = depth_losses['pre'][report['schemes']['pre']['best_learning_rate']]
@@ -210,6 +220,15 @@ def depth_report(args, depth):
                 'gap_mean': statistics.mean(paired), 'seeds': len(paired), 'by_seed': paired,
                 'bootstrap_95': bootstrap_interval(paired)}
     return report
+
+
+def rerun(args, depth, rate, scheme, by_seed):
+    """Seed 0 at a rate and its rerun, when that has finished: the noise of training the same run twice."""
+    folder = run_dir(args, depth, rate, scheme, 0, rerun=True)
+    if 0 not in by_seed or not outcome(folder, args.steps):
+        return None
+    again = final_val_loss(folder)
+    return {'learning_rate': rate, 'first': by_seed[0], 'again': again, 'difference': again - by_seed[0]}
 
 
 def beta2_effect(args, depth):
@@ -233,6 +252,11 @@ def findings(reports, beta2):
                          f"{s['best_loss']:.4f} ({s['seeds_at_best']} seed(s)); rates within {TOLERANCE} nats: "
                          f"{', '.join(f'{r:g}' for r in s['within_tolerance'])}; more than {FAILED} above its best "
                          f"at: {', '.join(f'{r:g}' for r in s['fails_at']) or 'no rate of the grid'}")
+            if s['rerun']:
+                spread = f"{s['best_loss_std']:.4f}" if s['best_loss_std'] is not None else 'unknown'
+                lines.append(f"{report['depth']} blocks, {scheme}: seed 0 at {s['best_learning_rate']:g} trained "
+                             f"again: {s['rerun']['first']:.4f} then {s['rerun']['again']:.4f} "
+                             f"({s['rerun']['difference']:+.4f}); seed spread there (std): {spread}")
         for mode, b in report['best_against_best'].items():
             interval = (f", bootstrap 95% [{b['bootstrap_95'][0]:+.4f}, {b['bootstrap_95'][1]:+.4f}]"
                         if b['bootstrap_95'] else '')
