@@ -439,9 +439,9 @@ def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
 
 
 def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
-    """The 12-block table and sentences of experiments/README.md's tuned study, and README's sentence, quote the
-    committed tuned_study.json that `tuned_study.py --no_train --depths 12` wrote: its best rates and losses, its
-    windows and failure points, the printed best-against-best intervals and the beta2 pairs."""
+    """The table and sentences of experiments/README.md's tuned study, and README's sentence, quote the committed
+    tuned_study.json that `tuned_study.py --no_train --depths 6 12` wrote: each depth's best rates and losses, its
+    windows and failure points, the printed best-against-best intervals, the reruns and the beta2 pairs."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'tuned_study.json')) as f:
         study = json.load(f)
     with open(os.path.join(ROOT, 'README.md')) as f:
@@ -449,25 +449,43 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
     with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
         write_up = f.read()
     section = write_up[write_up.index('## The next study'):write_up.index('## Speed')]
-    rows = {line.split('|')[1].strip(): line for line in section.splitlines() if line.startswith('| ')}
+    rows = {tuple(cell.strip() for cell in line.split('|')[1:3]): line for line in section.splitlines()
+            if line.startswith('| 6 ') or line.startswith('| 12 ')}
 
     def rate(value):
         mantissa, exponent = f"{value:.0e}".split('e')
         return f"{mantissa}e{int(exponent)}"
-    twelve, = [d for d in study['depths'] if d['depth'] == 12]
-    for scheme, row in (('pre', 'pre'), ('lns', 'lns'), ('lns_gain', 'lns, gain_init')):
-        result = twelve['schemes'][scheme]
-        cells = [cell.strip() for cell in rows[row].split('|')[2:-1]]
-        assert cells == [rate(result['best_learning_rate']), f"{result['best_loss']:.4f}",
-                         ', '.join(map(rate, result['within_tolerance'])), ', '.join(map(rate, result['fails_at']))]
-        assert result['seeds_at_best'] == 5
+    assert [d['depth'] for d in study['depths']] == [6, 12]
+    for depth in study['depths']:
+        for scheme, row in (('pre', 'pre'), ('lns', 'lns'), ('lns_gain', 'lns, gain_init')):
+            result = depth['schemes'][scheme]
+            cells = [cell.strip() for cell in rows[(str(depth['depth']), row)].split('|')[3:-1]]
+            assert cells == [rate(result['best_learning_rate']), f"{result['best_loss']:.4f}",
+                             ', '.join(map(rate, result['within_tolerance'])),
+                             ', '.join(map(rate, result['fails_at']))]
+            assert result['seeds_at_best'] == 5
     text = ' '.join(section.split())
-    for scheme, words in (('lns', 'LNS\'s best minus Pre-LN\'s best is {} nats over 5 paired seeds (bootstrap 95% '
-                                  '[{}, {}])'), ('lns_gain', 'for gain_init LNS, {} ([{}, {}])')):
-        line, = [f for f in study['findings'] if f"12 blocks, best against best, {scheme} - pre:" in f]
-        gap, low, high = re.search(r': (\S+) over 5 paired seed\(s\), bootstrap 95% \[(\S+), (\S+)\]', line).groups()
-        assert words.format(gap, low, high) in text
-        if scheme == 'lns':
-            assert f"LNS's best minus Pre-LN's is {gap} nats (5 paired seeds, bootstrap 95% [{low}, {high}])" in readme
-    for pair in study['beta2_effect']['12']:
-        assert f"{pair['beta2_0.95']:.4f} to {pair['beta2_0.999']:.4f}" in text, pair
+
+    def quoted(depth, words, scheme):
+        line, = [f for f in study['findings'] if f"{depth} blocks, {words}, {scheme} - pre:" in f]
+        return re.search(r': (\S+) over 5 paired seed\(s\), bootstrap 95% \[(\S+), (\S+)\]', line).groups()
+    (six, six_low, six_high), (twelve, twelve_low, twelve_high) = (quoted(d, 'best against best', 'lns')
+                                                                   for d in (6, 12))
+    assert (f"best is {six} nats at 6 blocks and {twelve} at 12, each over 5 paired seeds (bootstrap 95% "
+            f"[{six_low}, {six_high}] and [{twelve_low}, {twelve_high}])") in text
+    assert (f"LNS's best minus Pre-LN's is {six} nats at 6 blocks and {twelve} at 12 (5 paired seeds; bootstrap 95% "
+            f"[{six_low}, {six_high}], [{twelve_low}, {twelve_high}])") in readme
+    for words, scheme, template in (('best against best', 'lns_gain', 'gain_init LNS, {} ([{}, {}]) and {} ([{}, {}])'),
+                                    ('lowest seed mean against lowest seed mean', 'lns', 'the gaps are {} ([{}, {}]) '
+                                     'and {} ([{}, {}])'),
+                                    ('lowest seed mean against lowest seed mean', 'lns_gain', 'for gain_init {} '
+                                     '([{}, {}]) and {} ([{}, {}])')):
+        assert template.format(*quoted(6, words, scheme), *quoted(12, words, scheme)) in text, (words, scheme)
+    reruns = [s['rerun'] for d in study['depths'] for s in d['schemes'].values()]
+    spreads = [s['best_loss_std'] for d in study['depths'] for s in d['schemes'].values()]
+    moved = sorted(abs(r['difference']) for r in reruns)
+    assert (f"ended {moved[0]:.4f} to {moved[-1]:.4f} nats away from the first time ({len(reruns)} reruns), against a "
+            f"spread over seeds of {min(spreads):.4f} to {max(spreads):.4f}") in text
+    for depth, pairs in study['beta2_effect'].items():
+        for pair in pairs:
+            assert f"{pair['beta2_0.95']:.4f} to {pair['beta2_0.999']:.4f}" in text, (depth, pair)
