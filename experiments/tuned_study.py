@@ -211,7 +211,7 @@ def depth_report(args, depth):
             'fails_at': sorted(rate for rate, loss in means.items() if loss > means[best] + FAILED),
             'by_rate': {f'{rate:g}': {str(seed): loss for seed, loss in seeds.items()}
                         for rate, seeds in sorted(by_rate.items())},
-            'rerun': rerun(args, depth, best, scheme, by_rate[best]),
+            'rerun': rerun_of_seed_0(args, depth, best, scheme, by_rate[best]),
             # the screen picks the best rate on seed 0; beside it, the rate whose 5 seeds' mean is lowest
             'lowest_mean_rate': min((rate for rate, seeds in by_rate.items() if len(seeds) >= SEEDS_AT_BEST),
                                     key=means.get, default=None)}
@@ -227,7 +227,7 @@ def depth_report(args, depth):
     return report
 
 
-def rerun(args, depth, rate, scheme, by_seed):
+def rerun_of_seed_0(args, depth, rate, scheme, by_seed):
     """Seed 0 at a rate and its rerun, when that has finished: the noise of training the same run twice."""
     folder = run_dir(args, depth, rate, scheme, 0, rerun=True)
     if 0 not in by_seed or not outcome(folder, args.steps):
