@@ -20,8 +20,9 @@ fails (diverges, or ends more than FAILED nats above its best); the same gap bet
 lowest 5-seed mean (the screen picks a best on seed 0 alone); how far training seed 0 again moved its loss,
 against the seeds' spread; and beta2's effect (seed 0 of the recipe study's beta2 = 0.95 runs against these
 at the rates both ran).
-Writes experiments/results/tuned_study.json and experiments/figures/tuned_*.png; runs go to
-experiments/runs/tuned_study/, whose logs and train.out are committed.
+Writes experiments/results/tuned_study.json and experiments/figures/tuned_learning_rate_by_depth.png; runs go to
+experiments/runs/tuned_study/, whose logs and train.out are committed (another --width: each name ends in _w<width>).
+The costly cells on a GPU: experiments/tuned_study_gpu.sh.
 """
 
 import argparse
@@ -51,19 +52,26 @@ BETA2 = 0.999
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[12, 6, 24], help='in the order they run')
+    parser.add_argument('--width', type=int, default=recipe_study.BASE_WIDTH,
+                        help='another width writes runs/, results/ and figures/ names ending in _w<width>')
+    parser.add_argument('--learning_rates', type=float, nargs='+', default=list(LEARNING_RATES),
+                        help='the grid to screen (grown past an edge where a best sits on it)')
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time')
     parser.add_argument('--threads', type=int, default=None, help='threads per run (default: cores / jobs)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--compile', type=lambda s: {'true': True, 'false': False}[s.lower()], default=True)
     parser.add_argument('--no_train', action='store_true', help='only report the finished runs')
-    parser.add_argument('--runs', default=os.path.join(HERE, 'runs', 'tuned_study'))
+    parser.add_argument('--runs', default=None, help='default: experiments/runs/tuned_study (_w<width>)')
     parser.add_argument('--beta2_runs', default=os.path.join(HERE, 'runs', 'recipe_study'),
                         help="the recipe study's runs (beta2 0.95), for beta2's effect")
     parser.add_argument('--results', default=os.path.join(HERE, 'results'))
     parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
     parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data', 'shakespeare_char'))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.name = 'tuned_study' + ('' if args.width == recipe_study.BASE_WIDTH else f'_w{args.width}')
+    args.runs = args.runs or os.path.join(HERE, 'runs', args.name)
+    return args
 
 
 # ----------------------------------------------------------------------------- runs
@@ -74,9 +82,8 @@ def run_dir(args, depth, learning_rate, scheme, seed, rerun=False):
 
 
 def trainer_arguments(args, depth, learning_rate, scheme, seed):
-    width = recipe_study.BASE_WIDTH
-    return [recipe_study.BASE_CONFIG, f'--n_layer={depth}', f'--n_embd={width}',
-            f'--n_head={width // recipe_study.HEAD_SIZE}', *SCHEMES[scheme], f'--beta2={BETA2}',
+    return [recipe_study.BASE_CONFIG, f'--n_layer={depth}', f'--n_embd={args.width}',
+            f'--n_head={args.width // recipe_study.HEAD_SIZE}', *SCHEMES[scheme], f'--beta2={BETA2}',
             f'--learning_rate={learning_rate:g}', f'--min_lr={learning_rate / 10:g}', f'--max_iters={args.steps}',
             f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
             f'--log_interval={args.steps // 10}', '--eval_iters=20', f'--seed={seed}', f'--data_dir={args.data_dir}',
@@ -109,9 +116,10 @@ def best_rate(by_rate):
     return min(screened, key=screened.get) if screened else None
 
 
-def grid(depth_losses):
-    """The rates to screen: LEARNING_RATES, grown by EDGE_STEP past an edge where a scheme's best sits on it."""
-    rates = set(LEARNING_RATES) | {rate for by_rate in depth_losses.values() for rate in by_rate}
+def grid(depth_losses, learning_rates):
+    """The rates to screen: learning_rates and any run already, grown by EDGE_STEP past an edge where a scheme's
+    best sits on it."""
+    rates = set(learning_rates) | {rate for by_rate in depth_losses.values() for rate in by_rate}
     for by_rate in depth_losses.values():
         best = best_rate(by_rate)
         if best is not None and set(rates) <= set(by_rate):  # the screen of this scheme is complete
@@ -147,7 +155,7 @@ def plan(args, depth):
     """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks, else
     a rerun of seed 0 at each scheme's best rate (how far the same run trained again moves its loss)."""
     depth_losses = losses(args, depth)
-    rates = grid(depth_losses)
+    rates = grid(depth_losses, args.learning_rates)
     screen = [(depth, rate, scheme, 0) for rate in rates for scheme in SCHEMES
               if 0 not in depth_losses[scheme].get(rate, {})]
     if screen:
@@ -241,7 +249,7 @@ def beta2_effect(args, depth):
     rows = []
     for scheme in ('pre', 'lns'):
         for rate in recipe_study.parse_args([]).learning_rates:
-            old = os.path.join(args.beta2_runs, f'd{depth}_w{recipe_study.BASE_WIDTH}_lr{rate:g}_base_{scheme}_s0')
+            old = os.path.join(args.beta2_runs, f'd{depth}_w{args.width}_lr{rate:g}_base_{scheme}_s0')
             new = run_dir(args, depth, rate, scheme, 0)
             if outcome(old, args.steps) and outcome(new, args.steps):
                 rows.append({'scheme': scheme, 'learning_rate': rate, 'beta2_0.95': final_val_loss(old),
@@ -293,7 +301,7 @@ def plot(args, reports):
                                  markerfacecolor=colors[scheme] if len(values) > 1 else 'white',
                                  color=colors[scheme], capsize=3, linestyle='none')
         loss_ax.set(xscale='log', xlabel='peak learning rate', ylabel='final validation loss (nats per character)',
-                    title=f"{report['depth']} blocks x width {recipe_study.BASE_WIDTH}, beta2 {BETA2}")
+                    title=f"{report['depth']} blocks x width {args.width}, beta2 {BETA2}")
         loss_ax.legend(fontsize=8, title='hollow: one seed', title_fontsize=7)
         modes = list(report['best_against_best'])
         for i, mode in enumerate(modes):  # filled: the screen's best rates; hollow: the lowest seed means'
@@ -312,7 +320,7 @@ def plot(args, reports):
                    title='filled: screen best; hollow: lowest seed mean')
     fig.tight_layout()
     os.makedirs(args.figures, exist_ok=True)
-    path = os.path.join(args.figures, 'tuned_learning_rate_by_depth.png')
+    path = os.path.join(args.figures, f"tuned_learning_rate_by_depth{args.name[len('tuned_study'):]}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -330,9 +338,9 @@ def main(argv):
     lines = findings(reports, beta2)
     devices = sorted({str(run_device(os.path.join(args.runs, name))) for name in os.listdir(args.runs)
                       if read_log(os.path.join(args.runs, name))})
-    write_json(os.path.join(args.results, 'tuned_study.json'), {
-        'settings': {'steps': args.steps, 'beta2': BETA2, 'schemes': SCHEMES, 'tolerance_nats': TOLERANCE,
-                     'failed_nats': FAILED, 'devices': devices},
+    write_json(os.path.join(args.results, f'{args.name}.json'), {
+        'settings': {'steps': args.steps, 'width': args.width, 'beta2': BETA2, 'schemes': SCHEMES,
+                     'tolerance_nats': TOLERANCE, 'failed_nats': FAILED, 'devices': devices},
         'findings': lines, 'depths': reports, 'beta2_effect': beta2})
     print('\n'.join(lines))
     print(f"wrote {plot(args, reports)}")

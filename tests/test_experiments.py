@@ -367,6 +367,7 @@ import json, math, os, sys
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
 scheme = 'lns_gain' if args.get('lns_mode') == 'gain_init' else args['norm_scheme']
 assert args['beta2'] == '0.999'
+assert (args['n_embd'], args['n_head']) == (os.environ.get('EXPECT_WIDTH', '64'), str(int(args['n_embd']) // 16))
 best, floor = {'pre': (3e-3, 1.60), 'lns': (1e-2, 1.59), 'lns_gain': (7e-2, 1.595)}[scheme]
 loss = floor + 0.5 * (math.log10(float(args['learning_rate']) / best)) ** 2 + 0.001 * int(args['seed'])
 loss += 0.002 if args['out_dir'].endswith('_rerun') else 0  # a run trained twice does not end the same
@@ -413,6 +414,43 @@ def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_eac
                                                  'again': first + 0.002, 'difference': 0.002})
     assert len([name for name in os.listdir(tmp_path / 'runs') if name.endswith('_rerun')]) == 3
     assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth.png').exists()
+
+
+def test_tuned_study_at_another_width_screens_its_own_grid_into_its_own_files(tmp_path, monkeypatch):
+    """--width 256 with a three-rate grid: the trainer gets that width, the grid grows at both edges where a best
+    sits (Pre-LN's 3e-3 down to 1.5e-3; gain_init LNS's best, 7e-2, up past 3e-2 twice), and the results and figure
+    carry the width in their names."""
+    import tuned_study
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(TUNED_STAND_IN)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    monkeypatch.setenv('EXPECT_WIDTH', '256')
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
+    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    tuned_study.main(['--depths', '12', '--width', '256', '--learning_rates', '3e-3', '1e-2', '3e-2', '--steps', '10',
+                      '--jobs', '2', f'--data_dir={tmp_path / "data"}', *folders])
+    study = json.loads((tmp_path / 'results' / 'tuned_study_w256.json').read_text())
+    assert study['settings']['width'] == 256
+    schemes = study['depths'][0]['schemes']
+    assert sorted(float(rate) for rate in schemes['pre']['by_rate']) == [1.5e-3, 3e-3, 1e-2, 3e-2, 6e-2, 0.12]
+    assert [schemes[s]['best_learning_rate'] for s in ('pre', 'lns', 'lns_gain')] == [3e-3, 1e-2, 6e-2]
+    assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth_w256.png').exists()
+
+
+def test_the_tuned_study_s_gpu_parts_are_options_it_takes():
+    """Each part of experiments/tuned_study_gpu.sh (a script for a GPU this suite may not have) is a command line
+    that tuned_study.py parses into the cells the script's header names."""
+    import tuned_study
+    with open(os.path.join(ROOT, 'experiments', 'tuned_study_gpu.sh')) as f:
+        parts = {line.split()[1]: line.split()[3:] for line in f if line.startswith('part ')}
+    cells = {name: tuned_study.parse_args(['--device', 'cuda', '--threads', '1', *arguments])
+             for name, arguments in parts.items()}
+    assert [(name, args.depths, args.width, args.learning_rates, os.path.basename(args.runs))
+            for name, args in cells.items()] == [
+        ('depth24', [24], 64, list(tuned_study.LEARNING_RATES), 'tuned_study'),
+        ('depth48', [48], 64, [1e-2, 3e-2], 'tuned_study'),
+        ('width256', [12], 256, [3e-4, 1e-3, 3e-3], 'tuned_study_w256')]
 
 
 def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
