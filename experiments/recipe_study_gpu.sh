@@ -13,26 +13,12 @@
 #   python experiments/recipe_study.py --no_train
 set -uo pipefail
 cd "$(dirname "$0")/.."
-limit=${1:-0}
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA GPU')" || exit 1
-python -c "import os, sys; sys.exit(0 if os.path.exists('data/shakespeare_char/val.bin') else
-'error: no prepared data; run: python data/shakespeare_char/prepare.py')" || exit 1
-export TORCHINDUCTOR_COMPILE_THREADS=1  # sixteen compiling processes already fill the CPU
-study="python experiments/recipe_study.py --device cuda --threads 1"
-
-part() {  # part NAME JOBS ARGS...: one restricted study in the background, stopped after $limit seconds
-    local name=$1 jobs=$2
-    shift 2
-    timeout "$limit" $study --jobs "$jobs" "$@" > "experiments/runs/recipe_study_gpu_$name.out" 2>&1 &
-}
+limit=${1:-0} study="python experiments/recipe_study.py" out=experiments/runs/recipe_study_gpu
+source experiments/gpu_parts.sh
 part pure_bf16 4 --depths 12 --widths --factors pure_bf16 pure_bf16_embedding_std_0.632
 part control 2 --depths 12 --learning_rates 1e-2 --widths --factors --runs experiments/runs/recipe_study_gpu \
     --results experiments/results/recipe_study_gpu --figures experiments/figures/recipe_study_gpu
 part width 2 --depths 12 --widths 64 128 256 --factors
 part depth24 4 --depths 12 24 --widths --factors
 part depth48 4 --depths 48 --widths --factors
-wait
-for out in experiments/runs/recipe_study_gpu_*.out; do
-    echo "== $out: $(grep -c '^finished\|^diverged' "$out") run(s) ended, $(grep -c '^failed' "$out") failed"
-    grep '^failed' "$out" | head -n 3
-done
+summarize

@@ -13,23 +13,9 @@
 #   python experiments/tuned_study.py --no_train --width 256 --depths 12
 set -uo pipefail
 cd "$(dirname "$0")/.."
-limit=${1:-0}
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA GPU')" || exit 1
-python -c "import os, sys; sys.exit(0 if os.path.exists('data/shakespeare_char/val.bin') else
-'error: no prepared data; run: python data/shakespeare_char/prepare.py')" || exit 1
-export TORCHINDUCTOR_COMPILE_THREADS=1  # twenty compiling processes already fill the CPU
-study="python experiments/tuned_study.py --device cuda --threads 1"
-
-part() {  # part NAME JOBS ARGS...: one restricted study in the background, stopped after $limit seconds
-    local name=$1 jobs=$2
-    shift 2
-    timeout "$limit" $study --jobs "$jobs" "$@" > "experiments/runs/tuned_study_gpu_$name.out" 2>&1 &
-}
+limit=${1:-0} study="python experiments/tuned_study.py" out=experiments/runs/tuned_study_gpu
+source experiments/gpu_parts.sh
 part depth24 8 --depths 24
 part depth48 6 --depths 48 --learning_rates 0.01 0.03
 part width256 6 --depths 12 --width 256 --learning_rates 0.0003 0.001 0.003
-wait
-for out in experiments/runs/tuned_study_gpu_*.out; do
-    echo "== $out: $(grep -c '^finished\|^diverged' "$out") run(s) ended, $(grep -c '^failed' "$out") failed"
-    grep '^failed' "$out" | head -n 3
-done
+summarize

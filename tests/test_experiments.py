@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -438,19 +439,50 @@ def test_tuned_study_at_another_width_screens_its_own_grid_into_its_own_files(tm
     assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth_w256.png').exists()
 
 
-def test_the_tuned_study_s_gpu_parts_are_options_it_takes():
-    """Each part of experiments/tuned_study_gpu.sh (a script for a GPU this suite may not have) is a command line
-    that tuned_study.py parses into the cells the script's header names."""
+def run_gpu_script(tmp_path, name, says='finished: 12 blocks'):
+    """Runs experiments/<name> in a copy of its folder with a stand-in `python` first on PATH that passes the
+    script's GPU and data checks, records every other command and prints `says` for it; (the study commands, the
+    script's exit status and output)."""
+    (tmp_path / 'experiments' / 'runs').mkdir(parents=True)
+    for script in (name, 'gpu_parts.sh'):
+        shutil.copy(os.path.join(ROOT, 'experiments', script), tmp_path / 'experiments')
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python').write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$*" >> "$CALLS"\n'
+                                             'echo "$SAYS"\n')
+    (tmp_path / 'bin' / 'python').chmod(0o755)
+    calls = tmp_path / 'calls'
+    env = {**os.environ, 'PATH': f"{tmp_path / 'bin'}:{os.environ['PATH']}", 'CALLS': str(calls), 'SAYS': says}
+    result = subprocess.run(['bash', str(tmp_path / 'experiments' / name), '60'], env=env, capture_output=True,
+                            text=True, timeout=60)
+    return [line.split() for line in calls.read_text().splitlines()], result.returncode, result.stdout
+
+
+def test_the_tuned_study_s_gpu_script_runs_its_cells_as_the_study_s_options(tmp_path):
+    """experiments/tuned_study_gpu.sh (for a GPU this suite may not have) starts three restricted studies on the
+    cells its header names, each a command line tuned_study.py parses, and counts their ended runs."""
     import tuned_study
-    with open(os.path.join(ROOT, 'experiments', 'tuned_study_gpu.sh')) as f:
-        parts = {line.split()[1]: line.split()[3:] for line in f if line.startswith('part ')}
-    cells = {name: tuned_study.parse_args(['--device', 'cuda', '--threads', '1', *arguments])
-             for name, arguments in parts.items()}
-    assert [(name, args.depths, args.width, args.learning_rates, os.path.basename(args.runs))
-            for name, args in cells.items()] == [
-        ('depth24', [24], 64, list(tuned_study.LEARNING_RATES), 'tuned_study'),
-        ('depth48', [48], 64, [1e-2, 3e-2], 'tuned_study'),
-        ('width256', [12], 256, [3e-4, 1e-3, 3e-3], 'tuned_study_w256')]
+    calls, status, output = run_gpu_script(tmp_path, 'tuned_study_gpu.sh')
+    assert {call[0] for call in calls} == {'experiments/tuned_study.py'}
+    cells = sorted((args.depths, args.width, args.learning_rates, os.path.basename(args.runs), args.device,
+                    args.threads) for args in (tuned_study.parse_args(call[1:]) for call in calls))
+    assert cells == [([12], 256, [3e-4, 1e-3, 3e-3], 'tuned_study_w256', 'cuda', 1),
+                     ([24], 64, list(tuned_study.LEARNING_RATES), 'tuned_study', 'cuda', 1),
+                     ([48], 64, [1e-2, 3e-2], 'tuned_study', 'cuda', 1)]
+    assert status == 0 and output.count('1 run(s) ended, 0 failed') == 3
+
+
+def test_the_recipe_study_s_gpu_script_runs_its_parts_as_the_study_s_options(tmp_path):
+    calls, status, output = run_gpu_script(tmp_path, 'recipe_study_gpu.sh')
+    assert {call[0] for call in calls} == {'experiments/recipe_study.py'}
+    studies = [recipe_study.parse_args(call[1:]) for call in calls]
+    assert sorted(tuple(args.depths) for args in studies) == [(12,), (12,), (12,), (12, 24), (48,)]
+    assert all(args.device == 'cuda' for args in studies)
+    assert status == 0 and output.count('1 run(s) ended, 0 failed') == 5
+
+
+def test_a_gpu_script_whose_runs_failed_says_so_and_fails(tmp_path):
+    _, status, output = run_gpu_script(tmp_path, 'tuned_study_gpu.sh', says='failed: train.py ended with status 1')
+    assert status == 1 and output.count('0 run(s) ended, 1 failed') == 3 and output.count('failed: train.py') == 3
 
 
 def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():

@@ -1,0 +1,28 @@
+# What the studies' GPU scripts share; they set `study` (the study's command line) and `out` (the prefix of each
+# part's output file), then source this file from the repository root.
+#   part NAME JOBS ARGS...   one restricted study in the background, stopped after $limit seconds (0: no limit)
+#   summarize                waits for every part, counts each one's ended and failed runs; fails if a run failed
+limit=${limit:-0}
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA GPU')" || exit 1
+python -c "import os, sys; sys.exit(0 if os.path.exists('data/shakespeare_char/val.bin') else
+'error: no prepared data; run: python data/shakespeare_char/prepare.py')" || exit 1
+export TORCHINDUCTOR_COMPILE_THREADS=1  # a dozen or more compiling processes already fill the CPU
+
+part() {
+    local name=$1 jobs=$2
+    shift 2
+    timeout "$limit" $study --device cuda --threads 1 --jobs "$jobs" "$@" > "${out}_$name.out" 2>&1 &
+}
+
+summarize() {
+    wait
+    local failed=0
+    for file in "${out}"_*.out; do
+        echo "== $file: $(grep -c '^finished\|^diverged' "$file") run(s) ended, $(grep -c '^failed' "$file") failed"
+        if grep -q '^failed' "$file"; then
+            grep '^failed' "$file" | head -n 3
+            failed=1
+        fi
+    done
+    return $failed
+}
