@@ -18,8 +18,9 @@ summarize() {
     wait
     local failed=0
     for file in "${out}"_*.out; do
-        echo "== $file: $(grep -c '^finished\|^diverged' "$file") run(s) ended, $(grep -c '^failed' "$file") failed"
-        if grep -q '^failed' "$file"; then
+        local failures=$(grep -c '^failed' "$file")
+        echo "== $file: $(grep -c '^finished\|^diverged' "$file") run(s) ended, $failures failed"
+        if [ "$failures" -gt 0 ]; then
             grep '^failed' "$file" | head -n 3
             failed=1
         fi

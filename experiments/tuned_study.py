@@ -47,6 +47,7 @@ SEEDS_AT_BEST, SEEDS_AT_SIGN_CHANGE = 5, 3
 TOLERANCE = recipe_study.TOLERANCE  # nats: the window of rates near a scheme's best
 FAILED = 0.1  # nats above a scheme's best loss: that rate counts as where the scheme fails
 BETA2 = 0.999
+RERUN = '_rerun'  # the name of a run trained a second time ends so (run_dir)
 
 
 def parse_args(argv):
@@ -69,16 +70,16 @@ def parse_args(argv):
     parser.add_argument('--figures', default=os.path.join(HERE, 'figures'))
     parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data', 'shakespeare_char'))
     args = parser.parse_args(argv)
-    args.name = 'tuned_study' + ('' if args.width == recipe_study.BASE_WIDTH else f'_w{args.width}')
-    args.runs = args.runs or os.path.join(HERE, 'runs', args.name)
+    args.suffix = '' if args.width == recipe_study.BASE_WIDTH else f'_w{args.width}'  # of every name it writes
+    args.runs = args.runs or os.path.join(HERE, 'runs', f'tuned_study{args.suffix}')
     return args
 
 
 # ----------------------------------------------------------------------------- runs
 
 def run_dir(args, depth, learning_rate, scheme, seed, rerun=False):
-    """A run's folder; a rerun (the same settings and seed, trained again) has '_rerun' after the seed."""
-    return os.path.join(args.runs, f"d{depth}_lr{learning_rate:g}_{scheme}_s{seed}{'_rerun' if rerun else ''}")
+    """A run's folder; a rerun (the same settings and seed, trained again) has RERUN after the seed."""
+    return os.path.join(args.runs, f"d{depth}_lr{learning_rate:g}_{scheme}_s{seed}{RERUN if rerun else ''}")
 
 
 def trainer_arguments(args, depth, learning_rate, scheme, seed):
@@ -95,7 +96,7 @@ def losses(args, depth):
     found = {scheme: {} for scheme in SCHEMES}
     prefix = f'd{depth}_lr'
     for name in sorted(os.listdir(args.runs)) if os.path.isdir(args.runs) else []:
-        if not name.startswith(prefix) or name.endswith('_rerun'):
+        if not name.startswith(prefix) or name.endswith(RERUN):
             continue
         rate, rest = name[len(prefix):].split('_', 1)  # run_dir's name: <rate>_<scheme>_s<seed>
         scheme, seed = rest.rsplit('_s', 1)
@@ -164,8 +165,9 @@ def plan(args, depth):
              for seed in range(count) if seed not in depth_losses[scheme].get(rate, {})]
     if seeds:
         return seeds
-    return [(depth, best_rate(by_rate), scheme, 0, True) for scheme, by_rate in depth_losses.items()
-            if not outcome(run_dir(args, depth, best_rate(by_rate), scheme, 0, rerun=True), args.steps)]
+    bests = {scheme: best_rate(by_rate) for scheme, by_rate in depth_losses.items()}
+    return [(depth, best, scheme, 0, True) for scheme, best in bests.items()
+            if not outcome(run_dir(args, depth, best, scheme, 0, rerun=True), args.steps)]
 
 
 def run_one(args, threads, depth, rate, scheme, seed, rerun=False):
@@ -320,7 +322,7 @@ def plot(args, reports):
                    title='filled: screen best; hollow: lowest seed mean')
     fig.tight_layout()
     os.makedirs(args.figures, exist_ok=True)
-    path = os.path.join(args.figures, f"tuned_learning_rate_by_depth{args.name[len('tuned_study'):]}.png")
+    path = os.path.join(args.figures, f'tuned_learning_rate_by_depth{args.suffix}.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -338,7 +340,7 @@ def main(argv):
     lines = findings(reports, beta2)
     devices = sorted({str(run_device(os.path.join(args.runs, name))) for name in os.listdir(args.runs)
                       if read_log(os.path.join(args.runs, name))})
-    write_json(os.path.join(args.results, f'{args.name}.json'), {
+    write_json(os.path.join(args.results, f'tuned_study{args.suffix}.json'), {
         'settings': {'steps': args.steps, 'width': args.width, 'beta2': BETA2, 'schemes': SCHEMES,
                      'tolerance_nats': TOLERANCE, 'failed_nats': FAILED, 'devices': devices},
         'findings': lines, 'depths': reports, 'beta2_effect': beta2})
