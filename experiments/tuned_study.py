@@ -153,19 +153,20 @@ def seeds_wanted(depth_losses, rates):
 
 
 def plan(args, depth):
-    """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks, else
-    a rerun of seed 0 at each scheme's best rate (how far the same run trained again moves its loss)."""
+    """The runs to do next at a depth: the screen of its grid, else the extra seeds the finished screen asks (those
+    at each scheme's best rate first: the best-against-best answer rests on them), else a rerun of seed 0 at each
+    scheme's best rate (how far the same run trained again moves its loss)."""
     depth_losses = losses(args, depth)
     rates = grid(depth_losses, args.learning_rates)
     screen = [(depth, rate, scheme, 0) for rate in rates for scheme in SCHEMES
               if 0 not in depth_losses[scheme].get(rate, {})]
     if screen:
         return screen
-    seeds = [(depth, rate, scheme, seed) for (scheme, rate), count in sorted(seeds_wanted(depth_losses, rates).items())
+    bests = {scheme: best_rate(by_rate) for scheme, by_rate in depth_losses.items()}
+    seeds = [(depth, rate, scheme, seed) for (scheme, rate), count in seeds_wanted(depth_losses, rates).items()
              for seed in range(count) if seed not in depth_losses[scheme].get(rate, {})]
     if seeds:
-        return seeds
-    bests = {scheme: best_rate(by_rate) for scheme, by_rate in depth_losses.items()}
+        return sorted(seeds, key=lambda run: (run[1] != bests[run[2]], run[3], run[2], run[1]))
     return [(depth, best, scheme, 0, True) for scheme, best in bests.items()
             if not outcome(run_dir(args, depth, best, scheme, 0, rerun=True), args.steps)]
 

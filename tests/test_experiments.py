@@ -376,6 +376,8 @@ if scheme == 'pre' and args['learning_rate'] == '0.002' and args['seed'] != '0':
     loss -= 0.03  # seeds 1-4 prefer 2e-3, where seed 0's screen picked 3e-3
 with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
     log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': loss, 'val_loss': loss}) + '\\n')
+with open(os.path.join(os.path.dirname(args['out_dir']), 'order.txt'), 'a') as order:
+    order.write(os.path.basename(args['out_dir']) + '\\n')
 '''
 
 
@@ -415,6 +417,25 @@ def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_eac
                                                  'again': first + 0.002, 'difference': 0.002})
     assert len([name for name in os.listdir(tmp_path / 'runs') if name.endswith('_rerun')]) == 3
     assert (tmp_path / 'figures' / 'tuned_learning_rate_by_depth.png').exists()
+
+
+def test_tuned_study_trains_the_extra_seeds_at_each_best_rate_before_those_around_it(tmp_path, monkeypatch):
+    """The best-against-best answer rests on the seeds at each scheme's best rate, so a study stopped part-way
+    through its seed phase has them first: seeds 1-4 at the three best rates, then the neighbours."""
+    import tuned_study
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(TUNED_STAND_IN)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
+    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    tuned_study.main(['--depths', '12', '--steps', '10', '--jobs', '1', '--learning_rates', '1e-3', '3e-3', '1e-2',
+                      '3e-2', '5e-2', f'--data_dir={tmp_path / "data"}', *folders])
+    order = (tmp_path / 'runs' / 'order.txt').read_text().split()
+    extra = [name for name in order if not name.endswith(('_s0', '_rerun'))]
+    bests = {f'd12_lr{rate:g}_{scheme}_s{seed}' for scheme, rate in (('pre', 3e-3), ('lns', 1e-2), ('lns_gain', 5e-2))
+             for seed in range(1, 5)}
+    assert set(extra[:12]) == bests and len(extra) > 12
 
 
 def test_tuned_study_at_another_width_screens_its_own_grid_into_its_own_files(tmp_path, monkeypatch):
