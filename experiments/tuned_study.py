@@ -209,6 +209,7 @@ def bootstrap_interval(differences, rounds=10_000, seed=0):
 
 def depth_report(args, depth):
     depth_losses = losses(args, depth)
+    wanted = seeds_wanted(depth_losses, grid(depth_losses, args.learning_rates))
     report = {'depth': depth, 'schemes': {}, 'best_against_best': {}, 'lowest_mean_against_lowest_mean': {}}
     for scheme, by_rate in depth_losses.items():
         best = best_rate(by_rate)
@@ -223,9 +224,7 @@ def depth_report(args, depth):
             'by_rate': {f'{rate:g}': {str(seed): loss for seed, loss in seeds.items()}
                         for rate, seeds in sorted(by_rate.items())},
             'rerun': rerun_of_seed_0(args, depth, best, scheme, by_rate[best]),
-            # the screen picks the best rate on seed 0; beside it, the rate whose 5 seeds' mean is lowest
-            'lowest_mean_rate': min((rate for rate, seeds in by_rate.items() if len(seeds) >= SEEDS_AT_BEST),
-                                    key=means.get, default=None)}
+            'lowest_mean_rate': lowest_mean_rate(scheme, by_rate, wanted)}
     for mode in LNS_MODES:
         for key, rate_key in (('best_against_best', 'best_learning_rate'),
                               ('lowest_mean_against_lowest_mean', 'lowest_mean_rate')):
@@ -236,6 +235,15 @@ def depth_report(args, depth):
                 report[key][mode] = {'rates': rates, 'gap_mean': statistics.mean(paired), 'seeds': len(paired),
                                      'by_seed': paired, 'bootstrap_95': bootstrap_interval(paired)}
     return report
+
+
+def lowest_mean_rate(scheme, by_rate, wanted):
+    """Beside the screen's best rate (seed 0 alone), the rate whose 5 seeds' mean is lowest: once every rate
+    around the best has its 5 seeds, else None (a part-way seed phase would compare the best with itself)."""
+    rates = [rate for (name, rate), count in wanted.items() if name == scheme and count == SEEDS_AT_BEST]
+    if not rates or any(len(by_rate.get(rate, {})) < SEEDS_AT_BEST for rate in rates):
+        return None
+    return min(rates, key=lambda rate: mean_loss(by_rate[rate]))
 
 
 def rerun_of_seed_0(args, depth, rate, scheme, by_seed):

@@ -429,13 +429,22 @@ def test_tuned_study_trains_the_extra_seeds_at_each_best_rate_before_those_aroun
     (tmp_path / 'data').mkdir()
     (tmp_path / 'data' / 'val.bin').write_bytes(b'')
     folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
-    tuned_study.main(['--depths', '12', '--steps', '10', '--jobs', '1', '--learning_rates', '1e-3', '3e-3', '1e-2',
-                      '3e-2', '5e-2', f'--data_dir={tmp_path / "data"}', *folders])
+    study = ['--depths', '12', '--steps', '10', '--learning_rates', '1e-3', '3e-3', '1e-2', '3e-2', '5e-2',
+             f'--data_dir={tmp_path / "data"}', *folders]
+    tuned_study.main([*study, '--jobs', '1'])
     order = (tmp_path / 'runs' / 'order.txt').read_text().split()
     extra = [name for name in order if not name.endswith(('_s0', '_rerun'))]
     bests = {f'd12_lr{rate:g}_{scheme}_s{seed}' for scheme, rate in (('pre', 3e-3), ('lns', 1e-2), ('lns_gain', 5e-2))
              for seed in range(1, 5)}
     assert set(extra[:12]) == bests and len(extra) > 12
+    # stopped there, the report pairs the best rates but no lowest seed means (they would be the best rates)
+    for name in extra[12:]:
+        shutil.rmtree(tmp_path / 'runs' / name)
+    tuned_study.main([*study, '--no_train'])
+    report = json.loads((tmp_path / 'results' / 'tuned_study.json').read_text())['depths'][0]
+    assert [report['best_against_best'][mode]['seeds'] for mode in ('lns', 'lns_gain')] == [5, 5]
+    assert report['lowest_mean_against_lowest_mean'] == {}
+    assert [s['lowest_mean_rate'] for s in report['schemes'].values()] == [None, None, None]
 
 
 def test_tuned_study_at_another_width_screens_its_own_grid_into_its_own_files(tmp_path, monkeypatch):
