@@ -540,8 +540,8 @@ def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
 
 def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
     """The table and sentences of experiments/README.md's tuned study, and README's sentence, quote the committed
-    tuned_study.json that `tuned_study.py --no_train --depths 6 12` wrote: each depth's best rates and losses, its
-    windows and failure points, the printed best-against-best intervals, the reruns and the beta2 pairs."""
+    tuned_study.json that `tuned_study.py --no_train --depths 6 12 24` wrote: each depth's best rates and losses,
+    its windows and failure points, the printed best-against-best intervals, the reruns and the beta2 pairs."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'tuned_study.json')) as f:
         study = json.load(f)
     with open(os.path.join(ROOT, 'README.md')) as f:
@@ -550,12 +550,12 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
         write_up = f.read()
     section = write_up[write_up.index('## The next study'):write_up.index('## Speed')]
     rows = {tuple(cell.strip() for cell in line.split('|')[1:3]): line for line in section.splitlines()
-            if line.startswith('| 6 ') or line.startswith('| 12 ')}
+            if line.startswith(('| 6 ', '| 12 ', '| 24 '))}
 
     def rate(value):
         mantissa, exponent = f"{value:.0e}".split('e')
         return f"{mantissa}e{int(exponent)}"
-    assert [d['depth'] for d in study['depths']] == [6, 12]
+    assert [d['depth'] for d in study['depths']] == [6, 12, 24]
     for depth in study['depths']:
         for scheme, row in (('pre', 'pre'), ('lns', 'lns'), ('lns_gain', 'lns, gain_init')):
             result = depth['schemes'][scheme]
@@ -569,20 +569,21 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
     def quoted(depth, words, scheme):
         line, = [f for f in study['findings'] if f"{depth} blocks, {words}, {scheme} - pre:" in f]
         return re.search(r': (\S+) over 5 paired seed\(s\), bootstrap 95% \[(\S+), (\S+)\]', line).groups()
-    (six, six_low, six_high), (twelve, twelve_low, twelve_high) = (quoted(d, 'best against best', 'lns')
-                                                                   for d in (6, 12))
-    assert (f"best is {six} nats at 6 blocks and {twelve} at 12, each over 5 paired seeds (bootstrap 95% "
-            f"[{six_low}, {six_high}] and [{twelve_low}, {twelve_high}])") in text
-    assert (f"LNS's best minus Pre-LN's is {six} nats at 6 blocks and {twelve} at 12 (5 paired seeds; bootstrap 95% "
-            f"[{six_low}, {six_high}], [{twelve_low}, {twelve_high}])") in readme
-    for words, scheme, template in (('best against best', 'lns_gain', 'gain_init LNS, {} ([{}, {}]) and {} ([{}, {}])'),
-                                    ('lowest seed mean against lowest seed mean', 'lns', 'the gaps are {} ([{}, {}]) '
-                                     'and {} ([{}, {}])'),
-                                    ('lowest seed mean against lowest seed mean', 'lns_gain', 'for gain_init {} '
-                                     '([{}, {}]) and {} ([{}, {}])')):
-        assert template.format(*quoted(6, words, scheme), *quoted(12, words, scheme)) in text, (words, scheme)
-    reruns = [s['rerun'] for d in study['depths'] for s in d['schemes'].values()]
-    spreads = [s['best_loss_std'] for d in study['depths'] for s in d['schemes'].values()]
+    (six, six_low, six_high), (twelve, twelve_low, twelve_high), (deep, deep_low, deep_high) = (
+        quoted(d, 'best against best', 'lns') for d in (6, 12, 24))
+    assert (f"best is {six} nats at 6 blocks, {twelve} at 12 and {deep} at 24, each over 5 paired seeds (bootstrap "
+            f"95% [{six_low}, {six_high}], [{twelve_low}, {twelve_high}] and [{deep_low}, {deep_high}])") in text
+    assert (f"LNS's best minus Pre-LN's is {six} nats at 6 blocks, {twelve} at 12 and {deep} at 24 (5 paired seeds; "
+            f"bootstrap 95% [{six_low}, {six_high}], [{twelve_low}, {twelve_high}], [{deep_low}, {deep_high}])"
+            ) in readme
+    gain_init = [quoted(d, 'best against best', 'lns_gain') for d in (6, 12, 24)]
+    assert 'gain_init LNS, {} ([{}, {}]), {} ([{}, {}]) and {} ([{}, {}])'.format(*sum(gain_init, ())) in text
+    for scheme, template in (('lns', 'the gaps are {} ([{}, {}]) and {} ([{}, {}])'),
+                             ('lns_gain', 'for gain_init {} ([{}, {}]) and {} ([{}, {}])')):
+        words = 'lowest seed mean against lowest seed mean'
+        assert template.format(*quoted(6, words, scheme), *quoted(12, words, scheme)) in text, scheme
+    reruns = [s['rerun'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]
+    spreads = [s['best_loss_std'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]
     moved = sorted(abs(r['difference']) for r in reruns)
     assert (f"ended {moved[0]:.4f} to {moved[-1]:.4f} nats away from the first time ({len(reruns)} reruns), against a "
             f"spread over seeds of {min(spreads):.4f} to {max(spreads):.4f}") in text
