@@ -381,16 +381,21 @@ with open(os.path.join(os.path.dirname(args['out_dir']), 'order.txt'), 'a') as o
 '''
 
 
-def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_each_best(tmp_path, monkeypatch):
-    """A stand-in trainer whose loss is a parabola in log(rate): Pre-LN best at 3e-3, LNS at 1e-2, and LNS as
-    gains at 7e-2, beyond the grid's 5e-2 edge, so the grid grows to 1e-1 (where 5e-2 stays best)."""
-    import tuned_study
+def tuned_stand_in(tmp_path, monkeypatch):
+    """TUNED_STAND_IN as the trainer, an empty data folder, and the study's folders under tmp_path (as options)."""
     trainer = tmp_path / 'train.py'
     trainer.write_text(TUNED_STAND_IN)
     monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
     (tmp_path / 'data').mkdir()
     (tmp_path / 'data' / 'val.bin').write_bytes(b'')
-    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    return [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+
+
+def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_each_best(tmp_path, monkeypatch):
+    """A stand-in trainer whose loss is a parabola in log(rate): Pre-LN best at 3e-3, LNS at 1e-2, and LNS as
+    gains at 7e-2, beyond the grid's 5e-2 edge, so the grid grows to 1e-1 (where 5e-2 stays best)."""
+    import tuned_study
+    folders = tuned_stand_in(tmp_path, monkeypatch)
     tuned_study.main(['--depths', '12', '--steps', '10', '--jobs', '2', f'--data_dir={tmp_path / "data"}', *folders])
     report = json.loads((tmp_path / 'results' / 'tuned_study.json').read_text())['depths'][0]
     schemes = report['schemes']
@@ -423,12 +428,7 @@ def test_tuned_study_trains_the_extra_seeds_at_each_best_rate_before_those_aroun
     """The best-against-best answer rests on the seeds at each scheme's best rate, so a study stopped part-way
     through its seed phase has them first: seeds 1-4 at the three best rates, then the neighbours."""
     import tuned_study
-    trainer = tmp_path / 'train.py'
-    trainer.write_text(TUNED_STAND_IN)
-    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
-    (tmp_path / 'data').mkdir()
-    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
-    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    folders = tuned_stand_in(tmp_path, monkeypatch)
     study = ['--depths', '12', '--steps', '10', '--learning_rates', '1e-3', '3e-3', '1e-2', '3e-2', '5e-2',
              f'--data_dir={tmp_path / "data"}', *folders]
     tuned_study.main([*study, '--jobs', '1'])
@@ -452,13 +452,8 @@ def test_tuned_study_at_another_width_screens_its_own_grid_into_its_own_files(tm
     sits (Pre-LN's 3e-3 down to 1.5e-3; gain_init LNS's best, 7e-2, up past 3e-2 twice), and the results and figure
     carry the width in their names."""
     import tuned_study
-    trainer = tmp_path / 'train.py'
-    trainer.write_text(TUNED_STAND_IN)
-    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
     monkeypatch.setenv('EXPECT_WIDTH', '256')
-    (tmp_path / 'data').mkdir()
-    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
-    folders = [f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures', 'beta2_runs')]
+    folders = tuned_stand_in(tmp_path, monkeypatch)
     tuned_study.main(['--depths', '12', '--width', '256', '--learning_rates', '3e-3', '1e-2', '3e-2', '--steps', '10',
                       '--jobs', '2', f'--data_dir={tmp_path / "data"}', *folders])
     study = json.loads((tmp_path / 'results' / 'tuned_study_w256.json').read_text())
