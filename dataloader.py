@@ -13,6 +13,7 @@ import torch
 from configurator import UserError
 
 CHECKED_TOKENS = 10_000_000  # of each split, for ids beyond the vocabulary
+AUTHORS_EVAL_ORDER_SEED = 0  # the authors' evaluation rows' shuffled order: one order for every run
 
 
 def resolve_data_dir(data_dir, dataset):
@@ -114,7 +115,7 @@ class TokenData:
         """Where the `count` sequences of iteration iter_num's global batch start: token offsets drawn from the
         train_generator (packed), or row numbers that follow from iter_num alone (rows), so resuming needs no state."""
         if self.layout == 'packed':
-            return random_offsets(self.tokens('train'), count, block_size, train_generator)
+            return torch.randint(len(self.tokens('train')) - block_size, (count,), generator=train_generator)
         n_rows = len(self.tokens('train'))
         positions = iter_num * count + np.arange(count)
         rows = np.empty(count, dtype=np.int64)
@@ -129,19 +130,18 @@ class TokenData:
             self._order = (data_pass, np.random.default_rng([self.seed, int(data_pass)]).permutation(rows))
         return self._order[1]
 
-    def eval_batches(self, split, cfg, generator):
-        """The fixed evaluation batches of split, as (sequences, GPU) pairs: eval_iters batches at random places
-        (GPU 0); for the rows layout's validation split with eval_tokens set, the authors' evaluation set as their
-        run read it: the rows in a fixed shuffled order dealt out in turn to authors_eval_gpus GPUs, each reading
-        batches of authors_eval_batch_size rows until its non-pad tokens times the GPU count exceed eval_tokens."""
+    def eval_batches(self, split, cfg):
+        """The evaluation batches of split, as (sequences, GPU) pairs, the same for every seed, process count and
+        micro-batch (two runs differ in their losses only by their weights): eval_sequences windows (packed) or rows,
+        evenly spaced from the split's start to its end, as one batch (GPU 0); for the rows layout's validation
+        split with eval_tokens set, the authors' evaluation set as their run read it: the rows in a fixed shuffled
+        order dealt out in turn to authors_eval_gpus GPUs, each reading batches of authors_eval_batch_size rows
+        until its non-pad tokens times the GPU count exceed eval_tokens."""
         tokens = self.tokens(split)
-        if self.layout == 'packed':
-            return [(random_offsets(tokens, cfg.batch_size, cfg.block_size, generator), 0)
-                    for _ in range(cfg.eval_iters)]
-        if split != 'val' or not cfg.eval_tokens:
-            return [(torch.randint(len(tokens), (cfg.batch_size,), generator=generator), 0)
-                    for _ in range(cfg.eval_iters)]
-        order = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))
+        if self.layout == 'packed' or split != 'val' or not cfg.eval_tokens:
+            last = len(tokens) - cfg.block_size - 1 if self.layout == 'packed' else len(tokens) - 1
+            return [(evenly_spaced(cfg.eval_sequences, last), 0)]
+        order = np.random.default_rng(AUTHORS_EVAL_ORDER_SEED).permutation(len(tokens))
         gpus, size = cfg.authors_eval_gpus, cfg.authors_eval_batch_size
         batches = []
         for gpu in range(gpus):
@@ -173,8 +173,9 @@ class TokenData:
         return to_device(x, device), to_device(y, device)
 
 
-def random_offsets(tokens, count, block_size, generator):
-    return torch.randint(len(tokens) - block_size, (count,), generator=generator)
+def evenly_spaced(count, last):
+    """count positions from 0 to last, evenly spaced (repeated where count exceeds last + 1)."""
+    return torch.from_numpy(np.linspace(0, last, count).round().astype(np.int64))
 
 
 def to_device(x, device):

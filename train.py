@@ -40,9 +40,10 @@ class TrainConfig:
     # output and logging
     out_dir: str = 'out'                   # ckpt.pt and log.jsonl go here
     eval_interval: int = 250               # evaluate every this many iterations, and at the end
-    eval_iters: int = 20                   # batches per split in each evaluation; the same batches every time
+    eval_sequences: int = 640              # sequences per split in each evaluation, evenly spaced over the split:
+                                           # the same tokens for every seed, process count and micro-batch
     eval_tokens: int = 0                   # rows layout: evaluate on validation rows until more than this many
-                                           # non-pad tokens (the authors' rule; 0: eval_iters batches)
+                                           # non-pad tokens (the authors' rule; 0: eval_sequences rows)
     authors_eval_gpus: int = 1             # the authors' estimator as their run computed it, whatever our process
     authors_eval_batch_size: Optional[int] = None  # count: their GPUs and per-GPU evaluation batch (None:
                                            # batch_size); see dataloader.TokenData.eval_batches
@@ -114,7 +115,7 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
 # (--key=value), and the start-up says what changed; the model's settings must match the checkpoint's
 COURSE = ('dataset', 'block_size', 'global_batch_size', 'batch_size', 'gradient_accumulation_steps', 'learning_rate',
           'max_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'decay_lr', 'warmup_iters', 'lr_decay_iters',
-          'min_lr', 'dtype', 'seed', 'eval_iters', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
+          'min_lr', 'dtype', 'seed', 'eval_sequences', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
 
@@ -154,8 +155,7 @@ def train(cfg, dist, device, explicit=()):
     data = TokenData(data_dir, meta, cfg.seed)
     # draws the training batches' places, the same in every process: see dataloader.train_batches
     train_generator = torch.Generator().manual_seed(cfg.seed)
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the same evaluation batches every time
-    eval_batches = {split: data.eval_batches(split, cfg, eval_generator) for split in ('train', 'val')}
+    eval_batches = {split: data.eval_batches(split, cfg) for split in ('train', 'val')}
     iter_num, best_val_loss = 0, float('inf')
     if checkpoint is not None:
         iter_num, best_val_loss = restore_state(checkpoint, model, optimizer, scaler, train_generator, cfg, dist,
@@ -658,7 +658,7 @@ def parse_config(argv):
 AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
     (0, None, True, 'positive')
 RANGES = {
-    **dict.fromkeys(['eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
+    **dict.fromkeys(['eval_interval', 'eval_sequences', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
                      'global_batch_size', 'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes',
                      'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'], AT_LEAST_1),
     **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),

@@ -27,4 +27,4 @@ global_batch_size = 512
 
 eval_interval = 1000
 eval_tokens = 10_000_000  # non-pad validation tokens, batch after batch of batch_size rows, as theirs
-eval_iters = 50           # batches for the training-loss estimate
+eval_sequences = 3200     # rows for the training-loss estimate, evenly spaced

@@ -25,5 +25,5 @@ beta1 = 0.9
 beta2 = 0.95  # the trainer's default, and every CPU study's; the paper's Adam has 0.999
 
 eval_interval = 200
-eval_iters = 20
+eval_sequences = 640
 log_interval = 50

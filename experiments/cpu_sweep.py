@@ -48,7 +48,7 @@ def train_one(args, depth, scheme, seed, threads):
     train(run_dir(args, depth, scheme, seed), [
         config, f'--norm_scheme={scheme}', f'--seed={seed}', f'--data_dir={args.data_dir}',
         f'--max_iters={args.steps}', f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
-        f'--log_interval={args.steps // 10}', '--eval_iters=20', '--device=cpu'], args.steps, threads)
+        f'--log_interval={args.steps // 10}', '--eval_sequences=640', '--device=cpu'], args.steps, threads)
     print(f"done: depth {depth}, {scheme}, seed {seed}", flush=True)
 
 

@@ -56,7 +56,7 @@ resumed_at=6 last=9 sequences=64  # 512 sequences per step over 8 GPUs
 # lr_decay_iters pinned to the config's max_iters: both halves run the real run's first learning rates
 rank=(torchrun --standalone --nproc_per_node=1 train.py config/llama_1b_lns.py --data_dir="$scratch/rows"
       --out_dir="$scratch/out" --global_batch_size="$sequences" --lr_decay_iters=100000 --eval_interval=3
-      --eval_tokens=100000 --eval_iters=2 --log_interval=1)
+      --eval_tokens=100000 --eval_sequences=128 --log_interval=1)
 part rank_train 200 "${rank[@]}" --max_iters="$resumed_at"
 part rank_resume 120 "${rank[@]}" --max_iters="$last" --init_from=resume
 rm -f "$report/rank_log.jsonl"

@@ -123,7 +123,7 @@ def trainer_arguments(args, cell, scheme, seed):
             f'--norm_scheme={scheme}', f'--learning_rate={cell.learning_rate:g}',
             f'--min_lr={cell.learning_rate / 10:g}',
             f'--max_iters={steps}', f'--warmup_iters={steps // 10}', f'--eval_interval={steps // 5}',
-            f'--log_interval={steps // 10}', '--eval_iters=20', f'--seed={seed}', f'--data_dir={args.data_dir}',
+            f'--log_interval={steps // 10}', '--eval_sequences=640', f'--seed={seed}', f'--data_dir={args.data_dir}',
             f'--device={args.device}', '--tf32=False', f'--compile={args.compile}', *FACTORS.get(cell.factor, [])]
 
 

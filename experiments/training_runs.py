@@ -137,6 +137,29 @@ def spread(values):
             'n': len(finite), 'diverged': len(values) - len(finite)}
 
 
+# Student's t: the 97.5% quantile by degrees of freedom (two-sided 95% intervals over up to 31 paired seeds)
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_interval(differences):
+    """The 95% t-interval of the mean of paired differences, [low, high]; None for fewer than 2."""
+    n = len(differences)
+    if n < 2:
+        return None
+    half = T_975[n - 2] * statistics.stdev(differences) / math.sqrt(n)
+    mean = statistics.mean(differences)
+    return [mean - half, mean + half]
+
+
+def sign_test(differences):
+    """The exact two-sided sign test of paired differences (zeros left out): (positive, negative, p)."""
+    positive, negative = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    n, k = positive + negative, min(positive, negative)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return positive, negative, p
+
+
 def write_json(path, data):
     """Written to a temporary file of this process and renamed: a reader never sees half a file, and studies
     running side by side (experiments/recipe_study_gpu.sh) never share the temporary file."""

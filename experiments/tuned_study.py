@@ -87,7 +87,7 @@ def trainer_arguments(args, depth, learning_rate, scheme, seed):
             f'--n_head={args.width // recipe_study.HEAD_SIZE}', *SCHEMES[scheme], f'--beta2={BETA2}',
             f'--learning_rate={learning_rate:g}', f'--min_lr={learning_rate / 10:g}', f'--max_iters={args.steps}',
             f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
-            f'--log_interval={args.steps // 10}', '--eval_iters=20', f'--seed={seed}', f'--data_dir={args.data_dir}',
+            f'--log_interval={args.steps // 10}', '--eval_sequences=640', f'--seed={seed}', f'--data_dir={args.data_dir}',
             f'--device={args.device}', '--tf32=False', f'--compile={args.compile}']
 
 

@@ -20,7 +20,7 @@ from model import GPT, GPTConfig, read_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
-SMALL = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=16', '--eval_iters=4',
+SMALL = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=16', '--eval_sequences=64',
          '--device=cuda', '--warmup_iters=5', '--learning_rate=3e-3', '--log_interval=1']
 
 

@@ -16,7 +16,7 @@ import train
 from checkpoint import LoadedModel, gpt2_encode
 from model import GPT, GPTConfig, read_checkpoint
 
-TINY = ['--n_layer=4', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+TINY = ['--n_layer=4', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_sequences=16',
         '--device=cpu', '--warmup_iters=5', '--learning_rate=1e-2', '--max_iters=40', '--eval_interval=40']
 
 

@@ -19,7 +19,7 @@ import train
 from conftest import ROOT, read_log
 from model import GPT, GPTConfig, read_checkpoint
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_sequences=8',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
 OUR_FILES = {os.path.abspath(module.__file__)
              for module in (train, checkpoint, configurator, dataloader, sys.modules['model'])}

@@ -14,7 +14,7 @@ import train
 from conftest import finish, launch, read_log, training_losses
 from model import GPT, read_checkpoint
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_sequences=16',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
 
 
@@ -181,7 +181,7 @@ def test_gradient_clipping_scales_the_gradient_to_grad_clip_before_the_step(tmp_
 
 def test_float16_grad_scaler_state_is_saved_and_restored(tmp_path, char_data):
     common = TINY + [f'--data_dir={char_data}', '--dtype=float16', '--eval_interval=2', '--log_interval=1',
-                     '--eval_iters=1', '--lr_decay_iters=4']
+                     '--eval_sequences=4', '--lr_decay_iters=4']
     assert train.main(common + [f'--out_dir={tmp_path / "whole"}', '--max_iters=4']) == 0
     halves = tmp_path / 'halves'
     assert train.main(common + [f'--out_dir={halves}', '--max_iters=2']) == 0

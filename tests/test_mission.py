@@ -20,7 +20,7 @@ from test_rows import write_rows
 # instead of 512, since one step of 512 x 256 tokens through a 32,000-way head in bf16 takes minutes here. As in
 # the 8-GPU run, each process's share fits the config's per-GPU ceiling, so each runs one micro-step.
 SHRINK = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=16', '--ffn_hidden=32', '--global_batch_size=8',
-          '--warmup_iters=1', '--lr_decay_iters=2', '--eval_iters=1', '--eval_tokens=100',
+          '--warmup_iters=1', '--lr_decay_iters=2', '--eval_sequences=4', '--eval_tokens=100',
           '--authors_eval_batch_size=1', '--log_interval=1']
 
 

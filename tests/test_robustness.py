@@ -17,7 +17,7 @@ import train
 from conftest import ROOT, finish, launch, read_log, training_losses
 from model import read_checkpoint
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_sequences=16',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3']
 
 

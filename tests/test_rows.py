@@ -15,7 +15,7 @@ from conftest import read_log
 from model import GPT, read_checkpoint
 
 ROW, PAD, EOS, VOCAB = 16, 0, 1, 24
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', f'--block_size={ROW}', '--batch_size=4', '--eval_iters=2',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', f'--block_size={ROW}', '--batch_size=4', '--eval_sequences=8',
         '--device=cpu', '--warmup_iters=2', '--learning_rate=3e-3', '--arch=llama']
 
 
@@ -97,10 +97,10 @@ def test_evaluation_reports_the_token_weighted_loss_and_the_authors_estimator(tm
                               f'--eval_tokens={eval_tokens}', '--seed=5']) == 0
     record = [r for r in read_log(out) if 'val_loss' in r][-1]
     model = GPT.from_checkpoint(read_checkpoint(out / 'ckpt.pt')).eval()
-    # by hand: validation rows in the run's fixed order (seed + 1), batch after batch until more than
-    # eval_tokens non-pad tokens have gone in
+    # by hand: validation rows in the one fixed order (numpy seed 0, whatever the run's seed), batch after batch
+    # until more than eval_tokens non-pad tokens have gone in
     rows = rows_of(folder, 'val')
-    order = np.random.default_rng(5 + 1).permutation(len(rows))
+    order = np.random.default_rng(0).permutation(len(rows))
     batches, seen = [], 0
     while seen <= eval_tokens:
         batch = rows[order[4 * len(batches):4 * len(batches) + 4]]
@@ -135,7 +135,7 @@ def test_the_authors_estimator_is_computed_as_their_four_gpus_computed_it(tmp_pa
     record = [r for r in read_log(out) if 'val_loss' in r][-1]
     model = GPT.from_checkpoint(read_checkpoint(out / 'ckpt.pt')).eval()
     rows = rows_of(folder, 'val')
-    order = np.random.default_rng(3 + 1).permutation(len(rows))
+    order = np.random.default_rng(0).permutation(len(rows))
     gpu_losses, all_token_losses = [], []
     for gpu in range(gpus):
         share, seen, batch_means = order[gpu::gpus], 0, []

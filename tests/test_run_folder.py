@@ -156,7 +156,7 @@ def test_a_damaged_log_line_before_the_last_is_named(finished_run, capsys):
 
 def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, char_data):
     argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=2',
-                   '--eval_iters=1', '--log_interval=1']
+                   '--eval_sequences=4', '--log_interval=1']
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *argv], text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})

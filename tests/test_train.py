@@ -14,7 +14,7 @@ from conftest import ROOT, read_log
 from model import GPT, GPTConfig, read_checkpoint
 from train import TrainConfig, UserError, get_lr, parse_config
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=4',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_sequences=32',
         '--device=cpu']
 
 
