@@ -658,9 +658,9 @@ def parse_config(argv):
 AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
     (0, None, True, 'positive')
 RANGES = {
-    **dict.fromkeys(['eval_interval', 'eval_sequences', 'log_interval', 'checkpoint_interval', 'batch_size', 'block_size',
-                     'global_batch_size', 'gradient_accumulation_steps', 'max_iters', 'ddp_timeout_minutes',
-                     'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'], AT_LEAST_1),
+    **dict.fromkeys(['eval_interval', 'eval_sequences', 'log_interval', 'checkpoint_interval', 'batch_size',
+                     'block_size', 'global_batch_size', 'gradient_accumulation_steps', 'max_iters',
+                     'ddp_timeout_minutes', 'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'], AT_LEAST_1),
     **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
     'learning_rate': POSITIVE,
     **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),

@@ -12,14 +12,16 @@ The rule, depth by depth (12 first, then 6 and 24): every (rate, scheme) cell is
 grows past an edge where a scheme's best rate sits on it; then 5 seeds at each scheme's best rate and its two
 neighbours, and 3 seeds on both sides of every place where an LNS mode's gap to Pre-LN changes sign; then seed 0
 at each scheme's best rate is trained again (folder suffix _rerun). A run is finished when its log holds the final
-validation loss or a divergence; finished runs are skipped.
+validation loss or a divergence; finished runs are skipped. Its committed runs were scored before train.py's
+fixed evaluation set, each on 40,960 positions drawn with its own seed; a run trained now is scored on the fixed
+set, so a continuation mixes the two (the one run it lacks, the 24-block gain_init rerun, would be scored so).
 
 Reports, per depth: each scheme's best rate and mean loss there, the best-against-best gap of each LNS mode to
-Pre-LN paired by seed with a bootstrap 95% interval, the rates within 0.02 nats of each best, and where each scheme
-fails (diverges, or ends more than FAILED nats above its best); the same gap between the rates of each scheme's
-lowest 5-seed mean (the screen picks a best on seed 0 alone); how far training seed 0 again moved its loss,
-against the seeds' spread; and beta2's effect (seed 0 of the recipe study's beta2 = 0.95 runs against these
-at the rates both ran).
+Pre-LN paired by seed with a 95% t-interval (and, over every depth, the sign test of all those pairs), the rates
+within 0.02 nats of each best, and where each scheme fails (diverges, or ends more than FAILED nats above its
+best); the same gap between the rates of each scheme's lowest 5-seed mean (the screen picks a best on seed 0
+alone); how far training seed 0 again moved its loss, against the seeds' spread; and beta2's effect (seed 0 of the
+recipe study's beta2 = 0.95 runs against these at the rates both ran).
 Writes experiments/results/tuned_study.json and experiments/figures/tuned_learning_rate_by_depth.png; runs go to
 experiments/runs/tuned_study/, whose logs and train.out are committed (another --width: each name ends in _w<width>).
 The costly cells on a GPU: experiments/tuned_study_gpu.sh.
@@ -28,14 +30,13 @@ The costly cells on a GPU: experiments/tuned_study_gpu.sh.
 import argparse
 import math
 import os
-import random
 import statistics
 import sys
 import time
 
 import recipe_study
 from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, require_prepared_data, run_all,
-                           run_device, threads_per_job, train, write_json)
+                           run_device, sign_test, t_interval, threads_per_job, train, write_json)
 
 # scheme name in this study -> train.py settings
 SCHEMES = {'pre': ['--norm_scheme=pre'], 'lns': ['--norm_scheme=lns'],
@@ -87,7 +88,8 @@ def trainer_arguments(args, depth, learning_rate, scheme, seed):
             f'--n_head={args.width // recipe_study.HEAD_SIZE}', *SCHEMES[scheme], f'--beta2={BETA2}',
             f'--learning_rate={learning_rate:g}', f'--min_lr={learning_rate / 10:g}', f'--max_iters={args.steps}',
             f'--warmup_iters={args.steps // 10}', f'--eval_interval={args.steps // 5}',
-            f'--log_interval={args.steps // 10}', '--eval_sequences=640', f'--seed={seed}', f'--data_dir={args.data_dir}',
+            f'--log_interval={args.steps // 10}', '--eval_sequences=640', f'--seed={seed}',
+            f'--data_dir={args.data_dir}',
             f'--device={args.device}', '--tf32=False', f'--compile={args.compile}']
 
 
@@ -198,15 +200,6 @@ def study(args, threads):
 
 # ----------------------------------------------------------------------------- report
 
-def bootstrap_interval(differences, rounds=10_000, seed=0):
-    """A percentile-bootstrap 95% interval of the mean of paired differences (resampling the seeds)."""
-    if len(differences) < 2:
-        return None
-    generator = random.Random(seed)
-    means = sorted(statistics.mean(generator.choices(differences, k=len(differences))) for _ in range(rounds))
-    return [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]]
-
-
 def depth_report(args, depth):
     depth_losses = losses(args, depth)
     wanted = seeds_wanted(depth_losses, grid(depth_losses, args.learning_rates))
@@ -233,7 +226,7 @@ def depth_report(args, depth):
                 pre, lns = depth_losses['pre'][rates['pre']], depth_losses[mode][rates[mode]]
                 paired = [lns[seed] - pre[seed] for seed in sorted(set(pre) & set(lns))]
                 report[key][mode] = {'rates': rates, 'gap_mean': statistics.mean(paired), 'seeds': len(paired),
-                                     'by_seed': paired, 'bootstrap_95': bootstrap_interval(paired)}
+                                     'by_seed': paired, 't_95': t_interval(paired)}
     return report
 
 
@@ -268,6 +261,13 @@ def beta2_effect(args, depth):
     return rows
 
 
+def pooled_signs(reports):
+    """Per LNS mode, the exact sign test over every depth's best-against-best paired seeds: (pre lower, LNS lower,
+    two-sided p)."""
+    return {mode: sign_test([d for report in reports for d in report['best_against_best'].get(mode, {})
+                             .get('by_seed', [])]) for mode in LNS_MODES}
+
+
 def findings(reports, beta2):
     lines = []
     for report in reports:
@@ -284,11 +284,13 @@ def findings(reports, beta2):
         for key, words in (('best_against_best', 'best against best'),
                            ('lowest_mean_against_lowest_mean', 'lowest seed mean against lowest seed mean')):
             for mode, b in report[key].items():
-                interval = (f", bootstrap 95% [{b['bootstrap_95'][0]:+.4f}, {b['bootstrap_95'][1]:+.4f}]"
-                            if b['bootstrap_95'] else '')
+                interval = f", t 95% [{b['t_95'][0]:+.4f}, {b['t_95'][1]:+.4f}]" if b['t_95'] else ''
                 lines.append(f"{report['depth']} blocks, {words}, {mode} - pre: {b['gap_mean']:+.4f} over "
                              f"{b['seeds']} paired seed(s){interval} ({mode} at {b['rates'][mode]:g}, pre at "
                              f"{b['rates']['pre']:g})")
+    for mode, (pre_lower, lns_lower, p) in pooled_signs(reports).items():
+        lines.append(f"all depths, best against best, {mode} - pre: pre lower in {pre_lower} paired seed(s), {mode} "
+                     f"lower in {lns_lower} (sign test p = {p:.2g})")
     for depth, rows in beta2.items():
         for row in rows:
             lines.append(f"{depth} blocks, {row['scheme']} at {row['learning_rate']:g}, seed 0: beta2 0.95 "
@@ -320,14 +322,14 @@ def plot(args, reports):
                 if mode not in report[key]:
                     continue
                 b = report[key][mode]
-                low, high = b['bootstrap_95'] or (b['gap_mean'], b['gap_mean'])
+                low, high = b['t_95'] or (b['gap_mean'], b['gap_mean'])
                 gap_ax.errorbar(i + shift, b['gap_mean'], yerr=[[b['gap_mean'] - low], [high - b['gap_mean']]],
                                 marker='o', color=colors[mode], capsize=4,
                                 markerfacecolor=colors[mode] if shift < 0 else 'white')
         gap_ax.axhline(0, color='black', linewidth=0.8)
         gap_ax.set_xticks(range(len(modes)), [f"{m} - pre ({report['best_against_best'][m]['seeds']} seeds)"
                                               for m in modes])
-        gap_ax.set(xlim=(-0.5, len(modes) - 0.5), ylabel='LNS - pre, 95% bootstrap (nats)',
+        gap_ax.set(xlim=(-0.5, len(modes) - 0.5), ylabel='LNS - pre, 95% t-interval (nats)',
                    title='filled: screen best; hollow: lowest seed mean')
     fig.tight_layout()
     os.makedirs(args.figures, exist_ok=True)

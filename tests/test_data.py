@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHARACTERS, ROOT
+from conftest import CHARACTERS, ROOT, SHARED
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
 
@@ -84,3 +84,77 @@ def test_char_prepare_of_tiny_shakespeare_gives_its_65_characters(tmp_path, shak
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / 'meta.json').read_text())['chars'] == CHARACTERS
     assert len(read_split(tmp_path, 'train')) == int(0.9 * 1115394)  # the file's characters, split 90/10
+
+
+# ----------------------------------------------------------------------------- several texts as one corpus
+
+def decode(folder, split):
+    meta = json.loads((folder / 'meta.json').read_text())
+    return ''.join(meta['chars'][i] for i in read_split(folder, split))
+
+
+def test_mixed_corpus_holds_out_the_last_tenth_of_every_source(tmp_path):
+    """Files and folders of .txt files; each source split 90/10 by characters, the parts joined in name order by a
+    newline, the vocabulary every character of every source."""
+    texts = {'b.txt': 'bbbbbbbbbB' * 30, 'nested/a.txt': 'aaaaaaaaaA' * 50, 'c.txt': 'ccccccccc\u00e9' * 10}
+    (tmp_path / 'texts' / 'nested').mkdir(parents=True)
+    for name in ('b.txt', 'nested/a.txt'):
+        (tmp_path / 'texts' / name).write_text(texts[name])
+    (tmp_path / 'texts' / 'notes.md').write_text('not a source')
+    (tmp_path / 'c.txt').write_text(texts['c.txt'])
+    result = prepare('mixed_char', '--input', str(tmp_path / 'texts'), str(tmp_path / 'c.txt'),
+                     '--out_dir', str(tmp_path / 'out'))
+    assert result.returncode == 0, result.stderr
+    order = sorted(texts)  # b.txt, c.txt, nested/a.txt
+    assert decode(tmp_path / 'out', 'train') == '\n'.join(texts[n][:int(0.9 * len(texts[n]))] for n in order)
+    assert decode(tmp_path / 'out', 'val') == '\n'.join(texts[n][int(0.9 * len(texts[n])):] for n in order)
+    meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
+    assert meta['chars'] == ''.join(sorted(set(''.join(texts.values())) | {'\n'}))
+    assert meta['sources']['nested/a.txt'] == {'characters': 500, 'train': 450, 'val': 50}
+
+
+def test_a_training_slice_keeps_each_source_s_share_and_the_whole_validation_and_vocabulary(tmp_path):
+    (tmp_path / 'a.txt').write_text('a' * 1000)
+    (tmp_path / 'b.txt').write_text('b' * 3000 + 'Z')
+    whole, part = tmp_path / 'whole', tmp_path / 'part'
+    assert prepare('mixed_char', '--input', str(tmp_path / 'a.txt'), str(tmp_path / 'b.txt'),
+                   '--out_dir', str(whole)).returncode == 0
+    result = prepare('mixed_char', '--input', str(tmp_path / 'a.txt'), str(tmp_path / 'b.txt'),
+                     '--train_chars', '360', '--out_dir', str(part))
+    assert result.returncode == 0, result.stderr
+    assert decode(part, 'train') == 'a' * 90 + '\n' + 'b' * 270  # 900 and 2,700 training characters, 1:3
+    assert (part / 'val.bin').read_bytes() == (whole / 'val.bin').read_bytes()
+    assert json.loads((part / 'meta.json').read_text())['chars'] == json.loads((whole / 'meta.json').read_text())['chars']
+    assert 'Z' in decode(part, 'val')
+
+
+@pytest.mark.parametrize('extra, words', [
+    (['--train_chars', '99999'], 'between 1 and the corpus'),
+    (['--input', 'missing.txt'], 'neither a file nor a folder'),
+])
+def test_bad_mixed_corpus_requests_fail_in_one_sentence_and_write_nothing(tmp_path, extra, words):
+    (tmp_path / 'a.txt').write_text(TEXT)
+    arguments = ['--input', str(tmp_path / 'a.txt'), *extra] if extra[0] != '--input' else \
+        [extra[0], str(tmp_path / extra[1])]
+    result = prepare('mixed_char', *arguments, '--out_dir', str(tmp_path / 'out'))
+    assert result.returncode != 0 and words in result.stderr and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_default_mixed_corpus_downloads_exactly_the_offline_texts(tmp_path):
+    """The addresses the script downloads from are pinned to commits and checked by sha256; those hashes are the
+    offline copies' beside the project, so both routes build the same corpus."""
+    import hashlib
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mixed_prepare', os.path.join(ROOT, 'data', 'mixed_char',
+                                                                                'prepare.py'))
+    mixed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mixed)
+    folder = os.path.join(SHARED, 'data')
+    if not os.path.isdir(folder):
+        pytest.skip(f"no offline corpora at {folder}")
+    local = mixed.local_sources([folder])
+    assert sorted(local) == sorted(mixed.SOURCES)
+    for name, path in local.items():
+        with open(path, 'rb') as f:
+            assert hashlib.sha256(f.read()).hexdigest() == mixed.SOURCES[name][1], name

@@ -357,7 +357,7 @@ def test_readme_quotes_the_recipe_study_as_its_no_train_pass_wrote_it():
     assert 'ranges from 3.1x (6 blocks, 0.001) to 182x (24 blocks, 0.03)' in findings
     assert '3.1x to 182x less variance' in readme and '3.1x (6 blocks, 1e-3) to 182x (24 blocks, 3e-2)' in write_up
     assert 'best against best (lns - pre) -0.0092' in findings and 'best against best (lns - pre) -0.0040' in findings
-    assert 'best against best (lns - pre) +0.0322' in findings and 'LNS lower by 0.009 and 0.004' in readme
+    assert 'best against best (lns - pre) +0.0322' in findings
     assert 'gap at iteration 4800: -0.0112 +- 0.0140 (3 seeds)' in findings
     assert '-0.011 ± 0.014 at step 4,800' in write_up
     assert 'moved by 0.0064 on average and 0.0198 at most' in findings
@@ -408,7 +408,7 @@ def test_tuned_study_screens_grows_the_grid_at_an_edge_and_adds_seeds_around_eac
     assert seeds['pre'][1e-2] == 3 and seeds['lns'][5e-3] == 5 and seeds['lns'][2e-3] == 1
     best = report['best_against_best']['lns']
     assert best['seeds'] == 5 and best['gap_mean'] == pytest.approx(1.59 - 1.60 + 0.001 * 0, abs=1e-9)
-    assert best['bootstrap_95'][0] <= best['gap_mean'] <= best['bootstrap_95'][1]
+    assert best['t_95'] == pytest.approx([-0.01, -0.01])  # every seed's gap the same: an interval of width 0
     # beside the screen's best rates, those of the lowest 5-seed means: 2e-3 for pre, the screen's for the others
     assert [schemes[s]['lowest_mean_rate'] for s in ('pre', 'lns', 'lns_gain')] == [2e-3, 1e-2, 5e-2]
     lowest = report['lowest_mean_against_lowest_mean']['lns']
@@ -512,11 +512,9 @@ def test_a_gpu_script_whose_runs_failed_says_so_and_fails(tmp_path):
 
 def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
     """The every-scheme table of experiments/README.md is markdown_table of the committed cpu_sweep.json, and the
-    sentences under it (and README's conclusion) quote findings() of the committed layer analyses."""
+    sentences under it quote findings() of the committed layer analyses."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'cpu_sweep.json')) as f:
         sweep = json.load(f)
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        readme = f.read()
     with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
         write_up = f.read()
     args = cpu_sweep.parse_args(['--no_train'])
@@ -530,7 +528,6 @@ def test_readme_quotes_the_scheme_sweep_as_its_no_train_pass_wrote_it():
     for quoted in ('0.031 against 0.0079', '0.086 against 0.012', '0.05 and 0.08 nats', 'blocks 7-12 of 12',
                    '4 and 6-24 of 24', '0.0249 nats at 12 blocks and 0.0021 at 24'):
         assert quoted in ' '.join(section.split()), quoted
-    assert '0.05 and 0.08 nats' in ' '.join(readme.split())
 
 
 def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
@@ -563,20 +560,22 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
 
     def quoted(depth, words, scheme):
         line, = [f for f in study['findings'] if f"{depth} blocks, {words}, {scheme} - pre:" in f]
-        return re.search(r': (\S+) over 5 paired seed\(s\), bootstrap 95% \[(\S+), (\S+)\]', line).groups()
-    (six, six_low, six_high), (twelve, twelve_low, twelve_high), (deep, deep_low, deep_high) = (
-        quoted(d, 'best against best', 'lns') for d in (6, 12, 24))
-    assert (f"best is {six} nats at 6 blocks, {twelve} at 12 and {deep} at 24, each over 5 paired seeds (bootstrap "
-            f"95% [{six_low}, {six_high}], [{twelve_low}, {twelve_high}] and [{deep_low}, {deep_high}])") in text
-    assert (f"LNS's best minus Pre-LN's is {six} nats at 6 blocks, {twelve} at 12 and {deep} at 24 (5 paired seeds; "
-            f"bootstrap 95% [{six_low}, {six_high}], [{twelve_low}, {twelve_high}], [{deep_low}, {deep_high}])"
-            ) in readme
+        return re.search(r': (\S+) over 5 paired seed\(s\), t 95% \[(\S+), (\S+)\]', line).groups()
+    best = [quoted(d, 'best against best', 'lns') for d in (6, 12, 24)]
     gain_init = [quoted(d, 'best against best', 'lns_gain') for d in (6, 12, 24)]
-    assert 'gain_init LNS, {} ([{}, {}]), {} ([{}, {}]) and {} ([{}, {}])'.format(*sum(gain_init, ())) in text
-    for scheme, template in (('lns', 'the gaps are {} ([{}, {}]), {} ([{}, {}]) and {} ([{}, {}])'),
-                             ('lns_gain', 'for gain_init {} ([{}, {}]), {} ([{}, {}]) and {} ([{}, {}])')):
-        lowest = [quoted(d, 'lowest seed mean against lowest seed mean', scheme) for d in (6, 12, 24)]
-        assert template.format(*sum(lowest, ())) in text, scheme
+    lowest = [quoted(d, 'lowest seed mean against lowest seed mean', scheme) for scheme in ('lns', 'lns_gain')
+              for d in (6, 12, 24)]
+    pooled = [re.search(r'pre lower in (\d+) paired seed\(s\), \S+ lower in (\d+) \(sign test p = (\S+)\)',
+                        f).groups() for f in study['findings'] if f.startswith('all depths')]
+    assert [p[:2] for p in pooled] == [('15', '0'), ('14', '1')]
+    # the gaps and their intervals at 6, 12 and 24 blocks
+    gaps_then_intervals = [gap for gap, _, _ in best] + [n for _, low, high in best for n in (low, high)]
+    in_order(text, gaps_then_intervals)
+    in_order(text, [n for gap, low, high in gain_init for n in (gap, low, high)])
+    in_order(text, [pooled[0][0], pooled[0][2], pooled[1][0], pooled[1][2]])
+    in_order(text, [n for gap, low, high in lowest for n in (gap, low, high)])
+    opening = readme[readme.index('What this code shows'):readme.index('## Files')]
+    in_order(opening, gaps_then_intervals + [pooled[0][0], pooled[0][2]])
     reruns = [s['rerun'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]
     spreads = [s['best_loss_std'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]
     moved = sorted(abs(r['difference']) for r in reruns)
@@ -585,3 +584,71 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
     for depth, pairs in study['beta2_effect'].items():
         for pair in pairs:
             assert f"{pair['beta2_0.95']:.4f} to {pair['beta2_0.999']:.4f}" in text, (depth, pair)
+
+
+def in_order(text, numbers):
+    """Each of the printed numbers appears in text, in this order (whatever the words around them)."""
+    assert re.search('.*?'.join(re.escape(str(n)) for n in numbers), text, re.S), numbers
+
+
+REGIME_STAND_IN = '''
+import json, math, os, sys
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+scheme = 'lns_gain' if args.get('lns_mode') == 'gain_init' else args['norm_scheme']
+assert (args['beta2'], args['n_layer'], args['eval_sequences'], args['block_size']) == ('0.999', '12', '2048', '64')
+arm = {('64', 'mixed_char_1m'): 'A', ('64', 'mixed_char'): 'B', ('128', 'mixed_char'): 'C'}[
+    (args['n_embd'], os.path.basename(args['data_dir']))]
+floor = {'A': 1.60, 'B': 1.50, 'C': 1.40}[arm] + {'pre': 0.0, 'lns': 0.02, 'lns_gain': 0.03}[scheme] * (arm != 'C')
+best = 7e-4 if (arm, scheme) == ('C', 'pre') else {'pre': 3e-3, 'lns': 5e-3, 'lns_gain': 5e-3}[scheme]
+loss = floor + 0.5 * math.log10(float(args['learning_rate']) / best) ** 2
+loss += (0.001 if scheme == 'pre' else 0.002) * int(args['seed']) - (0.015 * (scheme != 'pre') if arm == 'B' else 0)
+train_loss = loss - (0.1 if scheme == 'pre' else 0.05)
+with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
+    log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': train_loss, 'val_loss': loss}) + '\\n')
+with open(os.path.join(os.path.dirname(args['out_dir']), 'order.txt'), 'a') as order:
+    order.write(os.path.basename(args['out_dir']) + '\\n')
+'''
+
+
+def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t_intervals(tmp_path, monkeypatch):
+    """A stand-in trainer with a parabola in log(rate) per scheme: Pre-LN best at 3e-3 (arm C: 7e-4, below the
+    grid, which grows to 5e-4, the best there, then to 2.5e-4), LNS at 5e-3; LNS's gap to Pre-LN 0.02 + 0.001 x
+    seed in arm A, 0.005 + 0.001 x seed in arm B; Pre-LN 0.1 above its training loss, LNS 0.05."""
+    import regime_study
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(REGIME_STAND_IN)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    for name, train_chars in (('mixed_char', 4_000_000), ('mixed_char_1m', 1_000_000)):
+        (tmp_path / 'data' / name).mkdir(parents=True)
+        (tmp_path / 'data' / name / 'val.bin').write_bytes(b'')
+        sources = {'a.txt': {'train': train_chars // 4}, 'b.txt': {'train': train_chars - train_chars // 4}}
+        (tmp_path / 'data' / name / 'meta.json').write_text(json.dumps({'sources': sources}))
+    folders = [f'--{name}={tmp_path / name}' for name in ('data', 'runs', 'results', 'figures')]
+    regime_study.main(['--steps', '10', '--jobs', '2', *folders])
+    study = json.loads((tmp_path / 'results' / 'regime_study.json').read_text())
+    arms = study['arms']
+    assert arms['A']['passes'] == pytest.approx(10 * 32 * 64 / 1_000_000)
+    assert [arms[arm]['schemes']['pre']['best_learning_rate'] for arm in 'ABC'] == [3e-3, 3e-3, 5e-4]
+    assert list(arms['B']['schemes']) == ['pre', 'lns', 'lns_gain'] and list(arms['A']['schemes']) == ['pre', 'lns']
+    assert sorted(float(rate) for rate in arms['C']['schemes']['pre']['screen']) == [2.5e-4, 5e-4, 1e-3, 2e-3,
+                                                                                     3e-3, 5e-3, 1e-2]
+    runs = os.listdir(tmp_path / 'runs')
+    assert len([name for name in runs if name.startswith('A_')]) == 10 + 8
+    assert {name for name in runs if name.startswith('A_') and not name.endswith('_s0')} == {
+        f'A_lr{rate:g}_{scheme}_s{seed}' for scheme, rate in (('pre', 3e-3), ('lns', 5e-3)) for seed in range(1, 5)}
+    order = (tmp_path / 'runs' / 'order.txt').read_text().split()
+    assert all(name.endswith('_s0') for name in order[:10])  # arm A's screen before its seeds
+    gap = arms['A']['gap']['lns']
+    by_seed = [0.02 + 0.001 * seed for seed in range(5)]
+    half = 2.776 * np.std(by_seed, ddof=1) / math.sqrt(5)
+    assert gap['by_seed'] == pytest.approx(by_seed) and gap['t_95'] == pytest.approx([0.022 - half, 0.022 + half])
+    assert (gap['pre_lower_in'], gap['lns_lower_in'], gap['sign_test_p']) == (5, 0, 0.0625)
+    held_out = arms['A']['held_out_gap']['lns']
+    assert held_out['seeds'] == [1, 2, 3, 4] and held_out['mean'] == pytest.approx(0.0225)
+    assert arms['A']['schemes']['pre']['val_minus_train'] == pytest.approx(0.1)
+    assert arms['A']['schemes']['lns']['val_minus_train'] == pytest.approx(0.05)
+    repetition = study['contrasts']['repetition: 3 passes (A) against under one (B)']
+    assert repetition['by_seed'] == pytest.approx([-0.015] * 5) and repetition['t_95'] == pytest.approx([-0.015] * 2)
+    assert any(line.startswith('arm A, lns - pre at the best rates: +0.0220 over 5 paired seed(s)')
+               for line in study['findings'])
+    assert (tmp_path / 'figures' / 'regime_study.png').exists()

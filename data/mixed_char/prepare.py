@@ -110,7 +110,7 @@ def build(texts, train_chars=None):
             for name, (train, _) in parts.items()}
     train_text = '\n'.join(train[:kept[name]] for name, (train, _) in parts.items())
     val_text = '\n'.join(val for _, val in parts.values())
-    chars = ''.join(sorted(set(''.join(texts.values()))))
+    chars = ''.join(sorted(set(''.join(texts.values())) | {'\n'}))  # the joins' newline, whatever the texts hold
     sources = {name: {'characters': len(texts[name]), 'train': kept[name], 'val': len(val)}
                for name, (_, val) in parts.items()}
     return train_text, val_text, {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': chars, 'sources': sources}
