@@ -114,7 +114,7 @@ def optimizer_step(train_model, model, optimizer, scaler, autocast, micro_batche
         scaler.scale(loss / len(micro_batches)).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        train.clip_gradients(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=False)
@@ -143,10 +143,16 @@ def report(cfg, model, device, warmup_seconds, seconds_per_step):
     }
 
 
-def measure(args, steps, warmup):
-    """bench.py's JSON result for args, measured in a fresh process (so peak memory is this config's own)."""
+def measure(args, steps, warmup, label):
+    """bench.py's JSON result for args, measured in a fresh process (so peak memory is this config's own); the
+    label, said first, tells the user of a table that takes minutes what is being measured."""
+    print(f"measuring {label} ({warmup} warm-up and {steps} timed steps)", file=sys.stderr, flush=True)
     command = [sys.executable, os.path.abspath(__file__), *args, f'--steps={steps}', f'--warmup={warmup}']
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        last_line = (result.stderr.strip().splitlines() or ['no output'])[-1]
+        raise configurator.UserError(f"measuring {label} failed ({last_line}); run python bench.py "
+                                     f"{' '.join(args)} to see the whole output")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -156,7 +162,7 @@ def table(json_path=None, configs=TABLE_CONFIGS, rounds=5, steps=30, warmup=5):
     rows = []
     for name, args in configs.items():
         for compiled in (False, True):
-            result = measure(args + [f'--compile={compiled}'], steps=steps, warmup=warmup)
+            result = measure(args + [f'--compile={compiled}'], steps, warmup, f"{name}, compile={compiled}")
             rows.append({'config': name, **result})
     first_config = next(iter(configs.values()))
     eager = interleaved_medians(first_config + ['--compile=False'], NORM_SCHEMES, rounds, steps, warmup)
@@ -187,9 +193,10 @@ def interleaved_medians(args, schemes, rounds, steps, warmup):
     """Median ms/step of each norm_scheme on args over `rounds` rounds, the schemes interleaved within each round,
     so that drifts of the machine fall on all of them alike."""
     times = {scheme: [] for scheme in schemes}
-    for _ in range(rounds):
+    for number in range(1, rounds + 1):
         for scheme in schemes:
-            times[scheme].append(measure(args + [f'--norm_scheme={scheme}'], steps=steps, warmup=warmup)['ms_per_step'])
+            label = f"norm_scheme={scheme}, {' '.join(args)}, round {number} of {rounds}"
+            times[scheme].append(measure(args + [f'--norm_scheme={scheme}'], steps, warmup, label)['ms_per_step'])
     return {scheme: statistics.median(values) for scheme, values in times.items()}
 
 
@@ -211,7 +218,7 @@ def paper_table(json_path=None, configs=PAPER_CONFIGS, extra=(), steps=10, warmu
     for name, args in configs.items():
         args = [os.path.join(os.path.dirname(os.path.abspath(__file__)), a) if a.endswith('.py') else a for a in args]
         one_micro_step = ['--global_batch_size=None', '--gradient_accumulation_steps=1']
-        result = measure(args + one_micro_step + list(extra), steps=steps, warmup=warmup)
+        result = measure(args + one_micro_step + list(extra), steps, warmup, name)
         rows.append({'config': name, **result})
         print(f"{name}: {result['ms_per_step']:.1f} ms/step", file=sys.stderr, flush=True)
     lines = ['| config | parameters | micro-batch (tokens) | ms/step | tokens/s | MFU | peak memory | warm-up |',

@@ -4,8 +4,12 @@ log.jsonl, and reading them back to resume; and the one loader of a model with i
 checkpoint file, a Hugging Face folder or a hub id, for eval_layers.py and sample.py.
 """
 
+import contextlib
+import errno
+import fcntl
 import glob
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,13 +31,40 @@ RUN_FILES = ('ckpt.pt', 'ckpt-*.pt', 'ckpt*.tmp', 'log.jsonl')  # what a run lea
 
 
 def existing_run(out_dir):
-    """What of a run out_dir holds, in words ('ckpt.pt, log.jsonl to iteration 300'), or None."""
+    """What of a run out_dir holds, in words ('ckpt.pt, log.jsonl to iteration 300'), or None when it holds no
+    checkpoint (a start stopped before its first save left at most a log, which a new run may replace)."""
     found = sorted({os.path.basename(path) for pattern in RUN_FILES
                     for path in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
-    if not found:
+    if not any(name.endswith('.pt') for name in found):
         return None
     iters = [record['iter'] for record in read_log(os.path.join(out_dir, 'log.jsonl'))]
     return ', '.join(found) + (f" to iteration {max(iters)}" if iters else '')
+
+
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """Holds out_dir/train.lock while a run trains there, so that a second training into the same folder is refused.
+    The kernel's lock (flock) goes with the process: a killed run leaves none behind (the file, which the next run
+    locks anew). A refused run leaves no folder it made; an out_dir that is a file is left to the checks that name
+    it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'train.lock')
+    with open(path, 'w') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another training is writing to {out_dir} now; wait for it to end, or choose another "
+                            f"out_dir") from None
+        try:
+            yield
+        finally:
+            os.remove(path)  # still held: no other run is using it
+            if created and not os.listdir(out_dir):
+                os.rmdir(out_dir)
 
 
 def delete_run(out_dir):
@@ -48,11 +79,15 @@ def load_resume_checkpoint(out_dir):
     node share one copy in the page cache instead of reading one each."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
-        raise UserError(f"init_from=resume but there is no {ckpt_path}; train from scratch first")
+        raise UserError(f"init_from=resume but there is no {ckpt_path} (a run stopped before its first save keeps "
+                        f"none); train from scratch first")
     try:
         return read_checkpoint(ckpt_path, mmap=True)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        earlier = sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt-*.pt')))[:-1]  # the last is ckpt.pt
+        raise UserError(f"{error}; nothing was loaded or changed, and " + (
+            f"earlier checkpoints remain ({', '.join(map(os.path.basename, earlier))}): copy one to ckpt.pt to resume "
+            f"from it" if earlier else "no earlier checkpoint remains (keep_last_n keeps some)")) from None
 
 
 def read_log(path, note_file=None):
@@ -85,8 +120,20 @@ _log_lock = threading.Lock()  # the checkpoint writer's thread logs too
 
 
 def append_log(path, record):
-    with _log_lock, open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    """One line of strict JSON (a non-finite number is written as null); a failed write (a full disk) is cut back
+    off the log and ends the run in one sentence."""
+    line = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()})
+    data = (line + '\n').encode()
+    with _log_lock, open(path, 'ab', buffering=0) as f:
+        size = f.tell()
+        try:
+            if f.write(data) != len(data):  # unbuffered: a full disk may take part of the line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise UserError(f"cannot write {path} ({error.strerror}); free space, then resume from the last "
+                            f"checkpoint with --init_from=resume") from None
 
 
 def rng_state(train_generator):
@@ -148,7 +195,11 @@ class CheckpointWriter:
             self.thread = None
         if self.error is not None:
             error, self.error = self.error, None
-            raise UserError(f"writing a checkpoint to {self.out_dir} failed: {error}") from error
+            # torch reports a full disk as "[enforce fail at inline_container.cc:...] . ... file write failed"
+            reason = error.strerror if isinstance(error, OSError) else str(error).split('] . ')[-1].strip()
+            raise UserError(f"writing a checkpoint to {self.out_dir} failed ({reason}); its ckpt.pt, if any, is "
+                            f"the last complete save: free space (a full disk?), then resume with "
+                            f"--init_from=resume") from error
 
     def close(self):
         self.wait()
@@ -187,10 +238,15 @@ def save_checkpoint(out_dir, state, keep_last_n=0):
 def write_atomically(path, write):
     """write(file) into a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk keeps no half-written file
+        raise
     os.replace(tmp, path)
 
 
@@ -207,6 +263,11 @@ class LoadedModel:
     chars: Optional[str] = None         # a character-level tokenizer's characters, in id order
     trained_on: Optional[str] = None    # the data folder the checkpoint was trained on, when it records one
     training_log: Optional[str] = None  # the run's log.jsonl beside the checkpoint, when there is one
+    data_fingerprint: Optional[str] = None  # dataloader.data_fingerprint of trained_on when it trained, if recorded
+
+
+class TokenizerUnavailable(UserError):
+    """A tokenizer whose tables are not on this machine: each script adds its own way around, if it has one."""
 
 
 def gpt2_encoding():
@@ -214,8 +275,8 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding('gpt2')
     except Exception as error:
-        raise UserError(f"tiktoken's gpt2 encoding is not available offline ({type(error).__name__}); "
-                        f"set TIKTOKEN_CACHE_DIR or pass --data with a prepared folder") from None
+        raise TokenizerUnavailable(f"tiktoken's gpt2 encoding is not available offline ({type(error).__name__}); "
+                                   f"set TIKTOKEN_CACHE_DIR to a folder holding its cached files") from None
 
 
 def gpt2_encode():
@@ -269,7 +330,7 @@ def load_our_checkpoint(path, name, device):
                    f"iteration {checkpoint.get('iter_num', '?')}")
     log = os.path.join(os.path.dirname(os.path.abspath(path)), 'log.jsonl')
     return LoadedModel(name, model, tokenizer, encode, decode, description, chars if tokenizer == 'char' else None,
-                       trained_on, log if os.path.isfile(log) else None)
+                       trained_on, log if os.path.isfile(log) else None, checkpoint.get('data_fingerprint'))
 
 
 def load_hf_folder(folder, name, device):
@@ -322,7 +383,7 @@ def hf_tokenizer(folder):
         from tokenizers import Tokenizer
     except ImportError:
         raise UserError(f"{folder} has a tokenizer.json but the tokenizers package is not installed; "
-                        f"pip install tokenizers, or pass --data with token ids") from None
+                        f"pip install tokenizers to read it") from None
     tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
     return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode,
             tokenizer.get_vocab_size())

@@ -5,6 +5,7 @@ fix and the one main wrapper, for every script; the processes, devices and preci
 
 import ast
 import datetime
+import difflib
 import os
 import sys
 import types
@@ -93,7 +94,9 @@ def parse_literal(raw, declared):
 def check_value(key, value, source, setting_types):
     """Returns value as the type declared for key (an int is fine for a float); UserError otherwise."""
     if key not in setting_types:
-        raise UserError(f"unknown setting {key!r} in {source}; known settings are: {', '.join(setting_types)}")
+        close = difflib.get_close_matches(key, setting_types, n=1)
+        hint = f"did you mean {close[0]}?" if close else "run with --help to see the known settings"
+        raise UserError(f"unknown setting {key!r} in {source}; {hint}")
     declared = setting_types[key]
     for kind in get_args(declared) or (declared,):
         if kind is type(None) and value is None:
@@ -160,17 +163,20 @@ def setup_distributed(cfg):
 
 def resolve_device(name, dist=None):
     """The torch device --device names ('auto': cuda when torch sees a GPU, else cpu; 'cuda' under torchrun: this
-    process's GPU); UserError for a name torch does not know or a GPU that is not there."""
+    process's GPU); UserError for any other than the cpu and the CUDA GPUs torch sees (mps, a GPU not there, a typo)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+        name = 'cuda' if gpus else 'cpu'
     if name == 'cuda' and dist is not None and dist.ddp:
         name = f'cuda:{dist.local_rank}'
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device=cpu")
+        device = None
+    if device is None or not (device.type == 'cpu' or device.type == 'cuda' and (device.index or 0) < gpus):
+        available = f"cpu and cuda (cuda:0 to cuda:{gpus - 1})" if gpus else "only cpu (it sees no CUDA GPU)"
+        raise UserError(f"device {name!r} is not available here, where torch has {available}; use --device=cpu"
+                        f"{' or --device=cuda' if gpus else ''}")
     return device
 
 

@@ -3,9 +3,11 @@ The prepared token data a run reads: data/<dataset>/{train,val}.bin (uint16 toke
 layout (documents end to end) or the authors' rows layout; its checks, the batches of each step and evaluation.
 """
 
+import difflib
 import hashlib
 import json
 import os
+import shlex
 
 import numpy as np
 import torch
@@ -51,12 +53,12 @@ def read_meta(data_dir, dataset=None):
     prepared (checked when the dataset is named: train.bin and val.bin too), meta.json is not JSON, or it lacks an
     int vocab_size (or, for a character tokenizer, its characters)."""
     path = os.path.join(data_dir, 'meta.json')
-    prepare = f"python data/{dataset}/prepare.py" if dataset else "the data's prepare.py"
+    prepare = prepare_command(data_dir, dataset)
     if dataset:
         paths = [path] + [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
         missing = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
         if missing:
-            raise UserError(f"dataset {dataset!r} is not prepared ({missing[0]} is missing or empty); run: {prepare}")
+            raise not_prepared(data_dir, dataset, f"{missing[0]} is missing or empty")
     try:
         with open(path, encoding='utf-8') as f:
             meta = json.load(f)
@@ -70,6 +72,43 @@ def read_meta(data_dir, dataset=None):
     if missing:
         raise UserError(f"{path} has no {' or '.join(missing)}; run {prepare} again")
     return meta
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+OUR_RECIPE_DATA = 'c4_gpt2'  # config/our_recipe.py's data_dir: C4 packed in GPT-2 tokens, read after a size config
+
+
+def not_prepared(data_dir, dataset, what):
+    """The UserError for data_dir without dataset's files (what: the one missing): the command that prepares it; for a
+    dataset without a data/<dataset>/prepare.py, the datasets that have one."""
+    known = sorted(name for name in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, name, 'prepare.py')))
+    if dataset not in known:
+        close = [f": did you mean --dataset={name}?" for name in difflib.get_close_matches(dataset, known, n=1)]
+        return UserError(f"unknown dataset {dataset!r} (no data/{dataset}/prepare.py, and {what}); the datasets with "
+                         f"a prepare script are {', '.join(known)}{''.join(close)}")
+    if os.path.basename(os.path.normpath(data_dir)) == OUR_RECIPE_DATA and dataset != 'c4':
+        return UserError(f"{data_dir}, config/our_recipe.py's C4, is not prepared ({what}), and our_recipe.py follows "
+                         f"a size config, which sets the dataset: run {prepare_command(data_dir, 'c4')}, then python "
+                         f"train.py config/llama_350m_lns.py config/our_recipe.py")
+    return UserError(f"dataset {dataset!r} is not prepared ({what}); run: {prepare_command(data_dir, dataset)}")
+
+
+def prepare_command(data_dir, dataset):
+    """The command that writes dataset's files into data_dir as the configs read them: data/<dataset>/prepare.py,
+    with --out_dir where data_dir is not data/<dataset>; for C4 the layout of the configs that read that folder
+    (our_recipe.py's packed GPT-2 tokens in data/c4_gpt2, the paper configs' t5 rows anywhere else)."""
+    if not dataset or not os.path.isfile(os.path.join(DATA, dataset, 'prepare.py')):
+        return "the data's prepare.py"
+    rows = dataset == 'c4' and os.path.basename(os.path.normpath(data_dir)) != OUR_RECIPE_DATA
+    command = f"python data/{dataset}/prepare.py"
+    if dataset == 'c4':
+        command += " --layout rows --val_shards 2" if rows else " --layout packed --shards 8"
+    if os.path.abspath(data_dir) != os.path.join(DATA, dataset):
+        command += f" --out_dir {shlex.quote(data_dir)}"
+    if rows:
+        command += (" --shards N, N being the train shards of one pass that the config's header names (15 for 71M "
+                    "to 144 for 1B)")
+    return command
 
 
 def data_fingerprint(data_dir, pieces=64, piece_bytes=1 << 16):

@@ -8,7 +8,8 @@ Which layers matter? The paper's layer analyses, for our checkpoints and for pre
 MODEL is a run folder (with ckpt.pt), a checkpoint file, a Hugging Face model folder (config.json and
 *.safetensors: GPT-2, Llama, Mistral, Qwen2) or, with huggingface_hub installed, a hub id. Every model is
 measured on the same windows of the same tokens: the first --tokens of --data's validation split, of --text, or,
-with neither, of the validation split the checkpoints were trained on:
+with neither, of the validation split the checkpoints were trained on (refused if that folder was prepared again
+since, as the fingerprint a checkpoint records shows):
 - layer drop: the loss with block l skipped (the other blocks keep their own 1/sqrt(l) under LNS), for every l;
   with --last_k K also with the last 1..K blocks skipped together;
 - angular distance arccos(cos(x_l, x_{l+n}))/pi between the residual streams entering blocks l and l+n, per
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, read_log, run_names
+from checkpoint import TokenizerUnavailable, load_model, read_log, run_names
 from configurator import EVAL_DTYPES, UserError, autocast, resolve_device, run_main
-from dataloader import open_tokens, read_meta
+from dataloader import data_fingerprint, open_tokens, read_meta
 from tasks import TASKS, evaluate_task, read_task, task_requests
 
 
@@ -60,6 +61,10 @@ def tokens_from_data_folder(folder, loaded, budget):
     if meta['vocab_size'] > loaded.model.config.vocab_size:
         raise UserError(f"{folder} has {meta['vocab_size']} token ids but {loaded.name} only "
                         f"{loaded.model.config.vocab_size}; they were not made with the same tokenizer")
+    size = os.path.getsize(val_path)
+    if size % 2 or not size:
+        raise UserError(f"{val_path} is {size:,} bytes, not whole 2-byte tokens (a copy cut short?); prepare the "
+                        f"data again")
     return np.array(open_tokens(folder, 'val')[:budget + 1], dtype=np.int64)
 
 
@@ -75,9 +80,17 @@ def tokens_from_text(path, loaded, budget):
         raise UserError(f"cannot read {path} as UTF-8 text ({error})") from None
     try:
         ids = loaded.encode(text)
+    except TokenizerUnavailable as error:
+        raise UserError(f"{error}, or pass --data with a folder of its token ids") from None
     except UserError as error:
         raise UserError(f"{error}; use text from the same corpus or --data") from None
     return np.array(ids[:budget + 1], dtype=np.int64)
+
+
+def measured_on(data, text):
+    """What the losses are measured on, in a few words for a plot's axis: the text file, or the data folder's
+    validation split."""
+    return os.path.basename(text) if text else f"{os.path.basename(os.path.normpath(data or ''))}'s validation split"
 
 
 def read_tokens(data, text, loaded, budget):
@@ -87,7 +100,8 @@ def read_tokens(data, text, loaded, budget):
 
 def recorded_data_folder(loaded):
     """The one data folder that every model was trained on (its validation split is the default); UserError when a
-    model records none, when they differ, or when the folder is not prepared."""
+    model records none, when they differ, when the folder is not prepared, or when it was prepared again since (its
+    fingerprint is not the one a model recorded)."""
     for m in loaded:
         if m.trained_on is None:
             raise UserError(f"{m.name} records no training data; pass --data FOLDER or --text FILE")
@@ -100,6 +114,17 @@ def recorded_data_folder(loaded):
     if not all(os.path.exists(os.path.join(folder, name)) for name in ('meta.json', 'val.bin')):
         raise UserError(f"{loaded[0].name} was trained on {folder}, which is missing or not prepared (meta.json and "
                         f"val.bin); prepare it there, or pass --data or --text")
+    recorded = [m for m in loaded if m.data_fingerprint]
+    if recorded and not os.path.exists(os.path.join(folder, 'train.bin')):
+        print(f"note: {folder} has no train.bin, so whether it is still the data {recorded[0].name} trained on "
+              f"cannot be checked", file=sys.stderr)
+    elif recorded:
+        fingerprint = data_fingerprint(folder)
+        for m in recorded:
+            if m.data_fingerprint != fingerprint:
+                raise UserError(f"{folder} was prepared again since {m.name} trained on it (its data fingerprint "
+                                f"differs), so the run trained on other data; pass --data {folder} to measure on "
+                                f"it anyway, or --text FILE")
     return folder
 
 
@@ -246,16 +271,17 @@ def variance_during_training(log_path):
             if isinstance(r, dict) and 'block_variance' in r]
 
 
-def write_plots(results, folder):
+def write_plots(results, folder, measured_on='the validation split'):
     """PNGs with titles, axes and legends; every range follows the data. Layer drop, angular distance (heatmaps
-    and n = 1) and variance with the loss analyses; accuracy per removed block with a task."""
+    and n = 1) and variance with the loss analyses, whose losses are measured_on (words for the axis); accuracy per
+    removed block with a task."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     os.makedirs(folder, exist_ok=True)
     paths = []
     if 'layers' in results[0]:
-        paths += plot_loss_analyses(plt, results, folder)
+        paths += plot_loss_analyses(plt, results, folder, measured_on)
     if 'task' in results[0]:
         paths.append(plot_task(plt, results, folder))
     if any(r.get('variance_during_training') for r in results):
@@ -283,7 +309,7 @@ def plot_variance_during_training(plt, results, folder, curves=6):
     return save_figure(fig, folder, 'variance_during_training.png')
 
 
-def plot_loss_analyses(plt, results, folder):
+def plot_loss_analyses(plt, results, folder, measured_on):
     paths = []
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(results)
@@ -292,7 +318,7 @@ def plot_loss_analyses(plt, results, folder):
         ax.bar(blocks + (i - (len(results) - 1) / 2) * width, [layer['loss_drop'] for layer in r['layers']],
                width=width, label=r['name'])
     ax.set(title='Loss increase when one block is removed', xlabel='block removed (l)',
-           ylabel='validation loss increase (nats)')
+           ylabel=f'loss increase on {measured_on} (nats)')
     ax.axhline(0, color='black', linewidth=0.6)
     ax.legend()
     whole_blocks(ax.xaxis)
@@ -478,7 +504,7 @@ def run(args):
                       indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        for path in write_plots(results, args.plot):
+        for path in write_plots(results, args.plot, measured_on(data, args.text)):
             print(f"wrote {path}")
     return results
 

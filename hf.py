@@ -434,6 +434,13 @@ def export(argv):
     parser.add_argument('folder', metavar='HF_FOLDER', help='the Hugging Face folder to write')
     args = parser.parse_args(argv)
     path = os.path.join(args.source, 'ckpt.pt') if os.path.isdir(args.source) else args.source
+    if not os.path.exists(path) and os.path.isfile(os.path.join(args.source, 'config.json')):
+        swapped = os.path.isfile(os.path.join(args.folder, 'ckpt.pt')) or (
+            os.path.isfile(args.folder) and args.folder.endswith('.pt'))
+        raise UserError(f"{args.source} is a Hugging Face folder (config.json), not a run of train.py: " + (
+            f"the two arguments are swapped; run python hf.py {args.folder} {args.source}" if swapped else
+            f"hf.py writes such a folder from a run (python hf.py RUN_FOLDER {args.source}), and eval_layers.py "
+            f"and sample.py read it as it is"))
     try:
         checkpoint = read_checkpoint(path)
         model = GPT.from_checkpoint(checkpoint)

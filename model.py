@@ -16,6 +16,8 @@ Block numbers l are 1-based everywhere in this file, as in the paper's formulas.
 
 import inspect
 import math
+import os
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -441,14 +443,29 @@ class GPT(nn.Module):
 
 def read_checkpoint(path, mmap=False):
     """Loads a checkpoint written by train.py (tensors and plain types only) into CPU memory, or with mmap maps
-    the file (tensors read from the page cache on first use); ValueError in one sentence otherwise. Move the
-    model, not the checkpoint, to a GPU: RNG states must stay on the CPU."""
+    the file (tensors read from the page cache on first use); ValueError in one sentence otherwise, for a file
+    that is missing, not a checkpoint, or damaged (each record's CRC-32 in the file is checked first, so a
+    checkpoint with bytes changed on disk is never loaded). Move the model, not the checkpoint, to a GPU: RNG
+    states must stay on the CPU."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}; train one first or check the path")
+    if not zipfile.is_zipfile(path):
+        with open(path, 'rb') as f:
+            cut = f.read(4) == b'PK\x03\x04'  # how every zip file, and so every checkpoint, starts
+        raise ValueError(f"{path} is " + ('cut short or damaged (a write that did not finish?)' if cut else
+                                          'not a checkpoint (not a file torch.save wrote)'))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        damaged = str(error)
+    if damaged is not None:
+        raise ValueError(f"{path} is damaged ({damaged} fails its checksum: the file changed after it was written)")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise ValueError(f"no checkpoint at {path}; train one first or check the path") from None
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupted?): {error}") from None
+    except Exception:  # torch's text would advise weights_only=False, which is never the fix for our checkpoints
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it holds more than tensors and plain "
+                         f"values)") from None
     if not isinstance(checkpoint, dict) or not {'model', 'model_config'} <= set(checkpoint):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights and model_config)")
     return checkpoint

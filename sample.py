@@ -10,13 +10,14 @@ folder (one that hf.py exported, or a pretrained GPT-2, Llama, Mistral or Qwen2 
 under the curse of depth, a model reads almost as well without one of its deep blocks as with it.
 """
 
+import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Optional, get_type_hints
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import TokenizerUnavailable, load_model
 from configurator import EVAL_DTYPES, UserError, autocast, read_settings, resolve_device, run_main
 
 
@@ -39,6 +40,12 @@ def parse_options(argv):
     models = [arg for arg in argv if not arg.startswith('--')]
     values = read_settings([arg for arg in argv if arg.startswith('--')], get_type_hints(SampleConfig),
                            example='--num_samples=5')
+    # `--skip_layers=2, 3` reaches us as '--skip_layers=2,' and a second "model" '3'
+    numbers = [arg for arg in models if set(arg) <= set('0123456789,') and not os.path.exists(arg)]
+    if len(models) > 1 and numbers and 'skip_layers' in values:
+        blocks = ','.join(part for text in [values['skip_layers']] + numbers for part in text.split(',') if part)
+        raise UserError(f"--skip_layers takes block numbers separated by commas without spaces, e.g. "
+                        f"--skip_layers={blocks} ({numbers[0]!r} is not a model)")
     if len(models) != 1:
         raise UserError(f"give one model (a run folder, checkpoint or Hugging Face folder), not {len(models)}")
     cfg = SampleConfig(**values)
@@ -83,8 +90,11 @@ def sample(spec, cfg):
     skip_layers = parse_skip_layers(cfg.skip_layers, model.config.n_layer)
     if loaded.encode is None or loaded.decode is None:
         raise UserError(f"no tokenizer for {loaded.name} is available offline; add its tokenizer.json to the folder")
+    prompt = read_start(cfg.start)
     try:
-        ids = loaded.encode(read_start(cfg.start))
+        ids = loaded.encode(prompt)
+    except TokenizerUnavailable:
+        raise
     except UserError as error:
         raise UserError(f"{error}; write --start with characters from its training text") from None
     if not ids:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import TokenizerUnavailable
 from configurator import UserError
 
 
@@ -203,6 +204,8 @@ def task_requests(examples, loaded, task, block_size):
         try:
             context = loaded.encode(example.context)
             continuations = [loaded.encode(example.context + c)[len(context):] for c in example.continuations]
+        except TokenizerUnavailable:  # not the example's fault: the sentence says what to install or set
+            raise
         except UserError as error:
             raise UserError(f"{task} example {number}: {error}; a character-level model reads only text made of its "
                             f"training characters") from None

@@ -20,6 +20,7 @@ import os
 import sys
 import textwrap
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, get_type_hints
 
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointWriter, append_log, delete_run, existing_run, gather_rng_states, \
-    load_resume_checkpoint, restore_rng_state, truncate_log
+    load_resume_checkpoint, restore_rng_state, run_lock, truncate_log
 from configurator import (DTYPES, UserError, all_reduce, mixed_precision, peak_flops, read_settings, run_main,
                           setup_distributed, synchronize)
 from dataloader import TokenData, check_data, data_fingerprint, read_meta, resolve_data_dir, train_batches
@@ -51,9 +52,9 @@ class TrainConfig:
     checkpoint_interval: Optional[int] = None  # save ckpt.pt every this many iterations (None: eval_interval) and
                                            # at the end; written in the background, training waits only for a copy
     always_save_checkpoint: bool = True    # False: save only at evaluations where the validation loss improves
-    init_from: str = 'scratch'             # 'scratch' or 'resume': out_dir/ckpt.pt's run goes on, its schedule,
-                                           # batch, optimizer, data, seed, dtype and evaluation as they were
-                                           # unless --key=value changes one (COURSE below)
+    init_from: str = 'scratch'             # 'scratch' or 'resume': out_dir/ckpt.pt's run goes on with its own
+                                           # settings (model, data, schedule, cadence) but those a --key=value
+                                           # names; only the LAUNCH ones below come from this command
     overwrite: bool = False                # init_from='scratch' into an out_dir that holds a run deletes that run
                                            # (its checkpoints and log); without it, refused
     wandb_log: bool = False
@@ -111,11 +112,11 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'block_size']
 SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items() if key in MODEL_KEYS},
                  'vocab_size': Optional[int],
                  **{key: kind for key, kind in get_type_hints(TrainConfig).items() if key != 'model'}}
-# the settings that set a run's course: on resume the checkpoint's values stay unless the command line gives one
-# (--key=value), and the start-up says what changed; the model's settings must match the checkpoint's
-COURSE = ('dataset', 'block_size', 'global_batch_size', 'batch_size', 'gradient_accumulation_steps', 'learning_rate',
-          'max_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'decay_lr', 'warmup_iters', 'lr_decay_iters',
-          'min_lr', 'dtype', 'seed', 'eval_sequences', 'eval_tokens', 'authors_eval_gpus', 'authors_eval_batch_size')
+# how one invocation runs, never the run itself: on resume these come from the command line and config files as
+# given now; every other setting (the model, the data, the schedule, the cadence) from the checkpoint, unless the
+# command line names it (--key=value), which the start-up announces (continue_run)
+LAUNCH = ('out_dir', 'init_from', 'overwrite', 'device', 'compile', 'tf32', 'activation_checkpointing',
+          'ddp_timeout_minutes', 'wandb_log', 'wandb_project', 'wandb_run_name')
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
 
@@ -131,22 +132,23 @@ class Interrupted(UserError):
 
 # ----------------------------------------------------------------------------- the training loop
 
-def train(cfg, dist, device, explicit=()):
-    """Trains the model cfg describes; returns the best validation loss. On resume, the settings named in
-    `explicit` (those the command line gave) are the only ones that may change the run's course."""
+def train(cfg, dist, device, explicit=(), given=()):
+    """Trains the model cfg describes; returns the best validation loss. On resume the run goes on with the
+    checkpoint's settings, but those the command line names (`explicit`); `given` holds every setting the config
+    files and the command line set, so that the start-up can say which of them the run did not take."""
     checkpoint, changes = None, []
     if cfg.init_from == 'resume':
         checkpoint = load_resume_checkpoint(cfg.out_dir)
-        cfg, changes = continue_run(cfg, checkpoint, explicit, dist.world_size)
-        if checkpoint['iter_num'] >= cfg.max_iters:
-            if dist.master:
-                print(f"{cfg.out_dir} holds a finished run: iteration {checkpoint['iter_num']} of max_iters "
-                      f"{cfg.max_iters}, best validation loss {checkpoint['best_val_loss']:.4f}; nothing to do (to "
-                      f"train on, resume with a larger --max_iters)")
-            return checkpoint['best_val_loss']
+        cfg, changes = continue_run(cfg, checkpoint, set(explicit), set(given), dist.world_size)
     else:
         cfg = resolve_batch(cfg, dist.world_size)
     data_dir, meta, config, fingerprint = check_inputs(cfg, dist, checkpoint)
+    if checkpoint is not None and checkpoint['iter_num'] >= cfg.max_iters:
+        if dist.master:
+            print(f"{cfg.out_dir} holds a finished run: iteration {checkpoint['iter_num']} of max_iters "
+                  f"{cfg.max_iters}, best validation loss {checkpoint['best_val_loss']:.4f}; nothing to do (to "
+                  f"train on, resume with a larger --max_iters)")
+        return checkpoint['best_val_loss']
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -168,6 +170,9 @@ def train(cfg, dist, device, explicit=()):
         if cfg.init_from == 'scratch':
             delete_run(cfg.out_dir)  # check_inputs allowed it: nothing there, or --overwrite=True
         print_startup(cfg, config, model, device, dist, changes)
+        print(('training' if resumed_at else f"evaluating iteration 0 ({cfg.eval_sequences} sequences per split), "
+               f"then training") + (", the first step compiling the model (minutes for a large one)" if cfg.compile
+                                    else ''), flush=True)
     train_model = wrap_for_training(model, cfg, dist, device)
     writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
     health, stopwatch = TrainingHealth(device), Stopwatch(device)
@@ -221,14 +226,14 @@ def train(cfg, dist, device, explicit=()):
             grad_norm = None
             if cfg.grad_clip > 0 or logging:
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+                grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             # zeroed in place, not freed: under DDP the gradients are views into its all-reduce buckets, and a freed
             # one would come back as a second, separate copy in the next micro-steps without sync
             optimizer.zero_grad(set_to_none=False)
-            health.record(loss_sum / micro_steps, iter_num)
             iter_num += 1
+            health.record(loss_sum / micro_steps, iter_num)  # numbered as the log numbers it: the step's end
             stopwatch.step_done(first_of_process=iter_num == (resumed_at or 0) + 1)
             if logging:
                 seconds_per_iter = stopwatch.read()
@@ -247,8 +252,9 @@ def train(cfg, dist, device, explicit=()):
         name = os.path.basename(os.path.normpath(cfg.out_dir))
         print(f"finished: {cfg.out_dir}, iteration {iter_num}, best validation loss {best_val_loss:.4f}. Next:\n"
               f"  python eval_layers.py {cfg.out_dir}       # which blocks matter, the variance by depth\n"
-              f"  python sample.py {cfg.out_dir}            # text from the model\n"
-              f"  python hf.py {cfg.out_dir} hf/{name}      # a Hugging Face folder")
+              f"  python sample.py {cfg.out_dir}            # text from the model"
+              + (f"\n  python hf.py {cfg.out_dir} hf/{name}      # a Hugging Face folder"
+                 if config.norm_scheme in ('pre', 'lns') else ''))  # the schemes transformers' Pre-LN classes hold
     return best_val_loss
 
 
@@ -274,6 +280,7 @@ class Progress:
         _, peak = peak_flops(device, cfg.dtype)
         self.peak = peak * dist.world_size if peak else None
         self.master, self.log_path, self.wandb, self.device = dist.master, log_path, cfg.wandb_log, device
+        self.max_iters = cfg.max_iters
         if self.wandb and self.master:
             import wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.settings())
@@ -289,9 +296,13 @@ class Progress:
         if seconds_per_iter is not None:  # None: only the first step (compilation) since the start
             record.update(ms_per_iter=1000 * seconds_per_iter, tokens_per_sec=self.tokens_per_iter / seconds_per_iter,
                           mfu=self.flops_per_iter / seconds_per_iter / self.peak if self.peak else None)
+            left = round((self.max_iters - iter_num) * seconds_per_iter)  # training alone, evaluations not counted
+            left = f'{left // 3600}h {left // 60 % 60:02d}m' if left >= 3600 else f'{left // 60}m {left % 60:02d}s'
             speed = (f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tokens/s, MFU "
-                     + (f"{record['mfu']:.1%}" if record['mfu'] is not None else 'unknown'))
-        print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, {speed}")
+                     + (f"{record['mfu']:.1%}" if record['mfu'] is not None else 'unknown')
+                     + f", {left} of training left")
+        print(f"iter {iter_num} of {self.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
+              f"grad norm {record['grad_norm']:.3f}, {speed}")
         append_log(self.log_path, record)
         if self.wandb:
             import wandb
@@ -359,24 +370,29 @@ def resolve_batch(cfg, world_size):
     return replace(cfg, batch_size=micro_batch, gradient_accumulation_steps=share // micro_batch * world_size)
 
 
-def continue_run(cfg, checkpoint, explicit, world_size):
-    """cfg resolved for going on with the checkpoint's run: each COURSE setting is the checkpoint's unless the
-    command line gives another (`explicit`); and the lines the start-up prints about what was kept or changed.
-    (With global_batch_size, the micro-batch follows the process count and is not the run's course.)"""
-    saved, asked = checkpoint.get('train_config') or {}, resolve_batch(cfg, world_size)
-    derived = ('batch_size', 'gradient_accumulation_steps') if saved.get('global_batch_size') else ()
-    differ = [k for k in COURSE if k in saved and k not in derived and getattr(asked, k) != saved[k]]
-    kept = {k: saved[k] for k in differ if k not in explicit}
-    changed = {k: saved[k] for k in differ if k in explicit}
-    cfg = resolve_batch(replace(cfg, **kept), world_size)
+def continue_run(cfg, checkpoint, explicit, given, world_size):
+    """cfg resolved for going on with the checkpoint's run: the checkpoint's settings, the LAUNCH ones as given now,
+    and those the command line names (`explicit`) changed, but a model setting, which is refused; and the lines the
+    start-up prints about what changed, and what config files gave that the run did not take."""
+    saved, now, built = checkpoint['train_config'], cfg.settings(), checkpoint['model_config']
+    other_model = [k for k in MODEL_KEYS if k in explicit and now[k] is not None and now[k] != built.get(k)]
+    if other_model:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt holds another model than asked: " + ', '.join(
+            f"{k}={built.get(k)!r} (asked: {now[k]!r})" for k in other_model) + "; resume without those settings "
+            "(the run keeps its own), or start a new run in another out_dir")
+    settings = {k: v for k, v in saved.items() if k in SETTING_TYPES and k not in LAUNCH}
+    changed = {k: settings[k] for k in explicit if k in settings and now[k] != settings[k]}
+    kept = {k: now[k] for k in given - explicit if k in settings and now[k] != settings[k]}
+    cfg = resolve_batch(config_from({**settings, **{k: now[k] for k in (*explicit, *LAUNCH)}}), world_size)
     lines = []
     if kept:
-        lines.append("kept the run's own " + ', '.join(f"{k}={v!r}" for k, v in kept.items()) + " over the "
-                     + ', '.join(f"{k}={getattr(asked, k)!r}" for k in kept) + " given (a --key=value changes one)")
+        lines.append("note: config files do not change a resumed run; it keeps its own " + ', '.join(
+            f"{k}={settings[k]!r}" for k in kept) + " over the files' " + ', '.join(
+            f"{k}={v!r}" for k, v in kept.items()) + " (a --key=value changes one)")
     if changed:
-        it, before = checkpoint['iter_num'], replace(cfg, **changed)
+        it, before = checkpoint['iter_num'], replace(cfg, **{k: v for k, v in changed.items() if k not in MODEL_KEYS})
         lines.append("changed from the run's settings: " + ', '.join(
-            f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in changed.items()) + (
+            f"{k} {v!r} -> {now[k]!r}" for k, v in changed.items()) + (
             f"; the learning rate at iteration {it} goes from {get_lr(it, before):.2e} to {get_lr(it, cfg):.2e}"
             if get_lr(it, before) != get_lr(it, cfg) else ''))
     return cfg, lines
@@ -450,6 +466,13 @@ def print_startup(cfg, config, model, device, dist, changes=()):
           f"x {micro_steps} micro-step(s) x {cfg.batch_size} sequences; {tokens_per_iter:,} tokens per step; "
           f"{model.flops_per_token(cfg.block_size):,} FLOPs per token")
     print('lns_scale by block:', ' '.join(f'{block.lns_scale:.3f}' for block in model.blocks))
+    if cfg.decay_lr and cfg.warmup_iters >= cfg.max_iters:
+        print(f"note: warmup_iters={cfg.warmup_iters} is not below max_iters={cfg.max_iters}, so the learning rate "
+              f"never passes {get_lr(cfg.max_iters - 1, cfg):.2e} of its {cfg.learning_rate:.2e} peak; lower "
+              f"warmup_iters to reach it")
+    if cfg.dtype == 'float16' and device.type == 'cpu':
+        print("note: float16 on a CPU is computed in software, several times slower than float32 for the same "
+              "losses; --dtype=float32 (or bfloat16) is faster here")
 
 
 # ----------------------------------------------------------------------------- the schedule, health and speed
@@ -465,6 +488,17 @@ def get_lr(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def clip_gradients(parameters, grad_clip):
+    """The global gradient norm, each tensor's accumulated in float32 (bf16 gradients under pure_bfloat16 would
+    round the sum), the gradients then scaled down to grad_clip when the norm is above it (0: never)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                                                 for p in parameters]))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
+    return norm
 
 
 class TrainingHealth:
@@ -627,16 +661,28 @@ def depth_diagnostics(model, x, y, autocast):
 def parse_config(argv):
     """TrainConfig from command-line arguments: config files and --key=value overrides, applied in order (a file
     that overrides an earlier --key=value is announced)."""
-    values = read_settings(argv, SETTING_TYPES)
+    return checked_config(read_settings(argv, SETTING_TYPES))
+
+
+def config_from(settings):
+    """TrainConfig of flat {setting: value}, the model's among them."""
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k not in MODEL_KEYS})
+    cfg.model.update({k: v for k, v in settings.items() if k in MODEL_KEYS})
+    return cfg
+
+
+def checked_config(values):
+    """config_from(values), each setting and their combinations checked; UserError naming the first wrong one."""
     if values.get('global_batch_size') is not None and 'gradient_accumulation_steps' in values:
         raise UserError(f"global_batch_size ({values['global_batch_size']}) fixes the sequences per step and the "
                         f"trainer derives the micro-steps from it; drop gradient_accumulation_steps (lower batch_size "
                         f"to use less memory), or set --global_batch_size=None to count micro-steps yourself")
-    model = {key: values.pop(key) for key in MODEL_KEYS if key in values}
-    cfg = TrainConfig(**values)
-    cfg.model.update(model)
+    cfg = config_from(values)
     if cfg.init_from not in ('scratch', 'resume'):
         raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    if cfg.init_from == 'resume' and cfg.overwrite:
+        raise UserError("overwrite=True starts a run over and init_from=resume goes on with it; give one of them "
+                        "(--init_from=scratch --overwrite=True deletes the run first)")
     if not cfg.out_dir.strip():
         raise UserError("out_dir is empty; name the folder for the run's checkpoints and log, e.g. --out_dir=out/run")
     if cfg.wandb_log and importlib.util.find_spec('wandb') is None:
@@ -660,7 +706,8 @@ AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, Fal
 RANGES = {
     **dict.fromkeys(['eval_interval', 'eval_sequences', 'log_interval', 'checkpoint_interval', 'batch_size',
                      'block_size', 'global_batch_size', 'gradient_accumulation_steps', 'max_iters',
-                     'ddp_timeout_minutes', 'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'], AT_LEAST_1),
+                     'ddp_timeout_minutes', 'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'],
+                    AT_LEAST_1),
     **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
     'learning_rate': POSITIVE,
     **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),
@@ -691,10 +738,12 @@ def run(argv):
     """Trains the run the arguments describe, in each process torchrun starts (or the one process)."""
     dist = None
     try:
-        cfg = parse_config(argv)
+        values = read_settings(argv, SETTING_TYPES)
+        cfg = checked_config(values)
         dist, device = setup_distributed(cfg)
         explicit = {arg[2:].partition('=')[0] for arg in argv if arg.startswith('--')}
-        train(cfg, dist, device, explicit)
+        with run_lock(cfg.out_dir) if dist.master else nullcontext():  # one training per out_dir at a time
+            train(cfg, dist, device, explicit, given=set(values))
     except KeyboardInterrupt:  # during training, train() turns it into Interrupted, naming the last checkpoint
         raise Interrupted("interrupted before training began; nothing was saved") from None
     finally:

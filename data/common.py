@@ -21,7 +21,15 @@ def parse_args(description, default_out_dir):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--input', help='a local copy of the text instead of downloading it')
     parser.add_argument('--out_dir', default=default_out_dir, help='where train.bin, val.bin and meta.json go')
-    return parser.parse_args()
+    args = parser.parse_args()
+    check_out_dir(args.out_dir)  # before any download or tokenizing
+    return args
+
+
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out_dir {out_dir} is a file, not a folder; pass --out_dir with a folder for train.bin, val.bin and "
+             f"meta.json (new, or holding a dataset to replace)")
 
 
 def read_text(input_path, url, cache_path):
@@ -66,7 +74,12 @@ def write_dataset(out_dir, train_ids, val_ids, meta):
             fail(f"the {split} split has {len(ids)} tokens; give a longer text")
         if max(ids) >= 2 ** 16 or max(ids) >= meta['vocab_size']:
             fail(f"token id {max(ids)} does not fit the vocabulary of {meta['vocab_size']} (uint16 files)")
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir)  # again, for a prepare.py with its own parse_args (mixed_char's)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:  # a file on its path, or no permission
+        fail(f"cannot make the folder --out_dir {out_dir} ({error.strerror}); pass --out_dir with a folder you can "
+             f"write")
     for split, ids in (('train', train_ids), ('val', val_ids)):
         array = np.asarray(ids, dtype=np.uint16)
         write_atomically(os.path.join(out_dir, f'{split}.bin'), lambda f: f.write(array.tobytes()))

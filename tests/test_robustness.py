@@ -106,7 +106,7 @@ def test_truncated_real_checkpoint_gives_one_sentence_and_stays(tmp_path, char_d
     capsys.readouterr()
     assert train.main(common + ['--max_iters=4', '--init_from=resume']) == 1
     err = capsys.readouterr().err
-    assert err.startswith('error: ') and 'not a readable checkpoint' in err and err.count('\n') == 1
+    assert err.startswith('error: ') and 'cut short or damaged' in err and err.count('\n') == 1
     assert (tmp_path / 'ckpt.pt').read_bytes() == truncated
 
 

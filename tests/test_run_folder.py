@@ -69,7 +69,7 @@ def test_resume_keeps_the_runs_course_whatever_a_config_file_says(finished_run, 
     capsys.readouterr()
     code, out = run([str(other)] + argv + ['--init_from=resume', '--max_iters=6'], capsys)
     assert code == 0
-    kept = next(line for line in out.out.splitlines() if line.startswith("kept the run's own"))
+    kept = next(line for line in out.out.splitlines() if line.startswith("note: config files do not change"))
     for setting in ('seed=1337', 'beta2=0.95', 'weight_decay=0.1', 'grad_clip=1.0'):
         assert setting in kept
     assert "changed from the run's settings: max_iters 4 -> 6" in out.out
@@ -229,3 +229,153 @@ def test_the_end_of_a_run_names_its_folder_best_loss_and_next_commands(finished_
     block = settings[:next(i for i, line in enumerate(settings[1:], 1) if not line.startswith('    '))]
     assert len(block) > 1 and all(len(line) <= 116 or ', ' not in line for line in block)
     assert f'out_dir={folder}' in ' '.join(block) and 'seed=1337' in ' '.join(block)
+
+
+# ----------------------------------------------------------------------------- resume is one command
+
+def test_resume_takes_the_model_data_and_cadence_from_the_checkpoint(finished_run, tmp_path, capsys, char_data):
+    """`--init_from=resume --out_dir=X --max_iters=6` alone: the run's model flags, data folder, evaluation and
+    log intervals all come from its checkpoint, and it continues as the uninterrupted run does."""
+    folder, argv = finished_run
+    whole = tmp_path / 'whole'
+    assert run([a for a in argv if not a.startswith(('--out_dir', '--max_iters'))]
+               + [f'--out_dir={whole}', '--max_iters=6'])[0] == 0
+    capsys.readouterr()
+    code, out = run(['--init_from=resume', f'--out_dir={folder}', '--max_iters=6', '--device=cpu'], capsys)
+    assert code == 0, out.err
+    assert "changed from the run's settings: max_iters 4 -> 6" in out.out and 'note:' not in out.out
+    assert training_losses(folder) == training_losses(whole)  # log_interval 1 kept: iterations 5 and 6 logged
+    assert [r['iter'] for r in read_log(folder) if 'val_loss' in r] == [0, 2, 4, 6]  # eval_interval 2 kept
+
+
+def test_resume_that_names_another_model_is_refused_finished_or_not(finished_run, capsys):
+    folder, argv = finished_run
+    before = files(folder)
+    for extra in ([], ['--max_iters=6']):
+        code, out = run(argv + ['--init_from=resume', '--n_layer=3', *extra], capsys)
+        assert code == 1 and one_sentence(out) and 'n_layer=2 (asked: 3)' in out.err
+        assert files(folder) == before
+
+
+def test_resume_with_overwrite_is_refused(finished_run, capsys):
+    folder, argv = finished_run
+    before = files(folder)
+    code, out = run(argv + ['--init_from=resume', '--overwrite=True', '--max_iters=6'], capsys)
+    assert code == 1 and one_sentence(out) and 'give one of them' in out.err
+    assert files(folder) == before
+
+
+def test_a_checkpoint_with_bytes_changed_on_disk_is_refused_naming_the_earlier_ones(tmp_path, capsys, char_data):
+    folder = tmp_path / 'run'
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={folder}', '--eval_interval=2', '--keep_last_n=1']
+    assert run(argv + ['--max_iters=4'])[0] == 0
+    data = bytearray((folder / 'ckpt.pt').read_bytes())
+    data[len(data) // 2:len(data) // 2 + 5000] = bytes(5000)  # zeroed in the middle: the weights, not the index
+    (folder / 'ckpt.pt').write_bytes(bytes(data))  # ckpt-0000004.pt is the same file (a second name)
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    capsys.readouterr()
+    code, out = run(argv + ['--max_iters=6', '--init_from=resume'], capsys)
+    assert code == 1 and one_sentence(out) and 'is damaged' in out.err and 'nothing was loaded' in out.err
+    assert 'earlier checkpoints remain (ckpt-0000002.pt)' in out.err
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    with pytest.raises(ValueError, match='is damaged'):  # every tool loads through it
+        read_checkpoint(str(folder / 'ckpt.pt'))
+
+
+def test_any_file_that_is_not_a_checkpoint_is_named_without_torch_s_advice(tmp_path):
+    import torch
+    torch.save({'model': torch.nn.Linear(2, 2)}, tmp_path / 'module.pt')  # a pickled object, not plain values
+    (tmp_path / 'notes.txt').write_text('not a model')
+    for name, words in (('module.pt', 'holds more than tensors'), ('notes.txt', 'not a checkpoint')):
+        with pytest.raises(ValueError, match=words) as error:
+            read_checkpoint(str(tmp_path / name))
+        assert 'weights_only' not in str(error.value)
+
+
+def test_two_trainings_into_one_out_dir_are_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys, char_data):
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path / "run"}', '--max_iters=100000',
+                   '--eval_interval=1000', '--log_interval=1']
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *argv], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    try:
+        for line in first.stdout:
+            if line.startswith('iter 2 of'):
+                break
+        code, out = run(argv + ['--overwrite=True'], capsys)
+        assert code == 1 and one_sentence(out) and 'another training is writing to' in out.err
+    finally:
+        first.kill()
+        first.wait()
+    assert run(argv[:-3] + ['--max_iters=2', '--overwrite=True'])[0] == 0  # the killed run's lock went with it
+
+
+def test_a_start_stopped_before_its_first_save_is_not_a_run_to_keep(tmp_path, capsys, char_data):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'log.jsonl').write_text('{"iter": 0, "train_loss": 4.17, "val_loss": 4.17}\n')  # Ctrl-C's leftover
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={folder}', '--max_iters=2']
+    code, out = run(argv + ['--init_from=resume'], capsys)
+    assert code == 1 and one_sentence(out) and 'stopped before its first save' in out.err
+    assert run(argv)[0] == 0  # from scratch, without --overwrite
+    assert max(r['iter'] for r in read_log(folder)) == 2
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
+    code, out = run(TINY + [f'--data_dir={tmp_path / "missing"}', f'--out_dir={tmp_path / "run"}'], capsys)
+    assert code == 1 and one_sentence(out)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_settings_that_would_quietly_differ_from_what_was_asked_are_announced(tmp_path, capsys, char_data):
+    code, out = run(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path / "a"}', '--max_iters=3',
+                            '--warmup_iters=100', '--learning_rate=2e-3', '--dtype=float16', '--eval_interval=3'],
+                    capsys)
+    assert code == 0
+    peak = train.get_lr(2, train.replace(train.TrainConfig(), warmup_iters=100, learning_rate=2e-3, max_iters=3))
+    assert f'never passes {peak:.2e} of its 2.00e-03 peak' in out.out
+    assert 'float16 on a CPU is computed in software' in out.out
+
+
+def test_each_log_line_says_how_far_the_run_is_and_the_time_left(tmp_path, capsys, char_data):
+    code, out = run(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=4',
+                            '--log_interval=2', '--eval_interval=4'], capsys)
+    assert code == 0
+    assert 'evaluating iteration 0 (32 sequences per split), then training' in out.out
+    line = next(line for line in out.out.splitlines() if line.startswith('iter 4 of 4:'))
+    assert line.endswith('0m 00s of training left')
+
+
+@pytest.mark.parametrize('scheme, exported', [('lns', True), ('post', False)])
+def test_the_closing_hint_offers_hf_export_only_for_schemes_it_can_export(tmp_path, capsys, char_data, scheme,
+                                                                           exported):
+    code, out = run(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=1',
+                            f'--norm_scheme={scheme}'], capsys)
+    assert code == 0 and ('python hf.py' in out.out) == exported
+
+
+def test_the_log_is_strict_json_and_a_full_disk_cuts_no_line(tmp_path):
+    from checkpoint import append_log
+    path = tmp_path / 'log.jsonl'
+    append_log(str(path), {'iter': 1, 'loss': 2.0, 'grad_norm': float('nan'), 'mfu': float('inf')})
+    record = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f'bare {name} in the log'))
+    assert record == {'iter': 1, 'loss': 2.0, 'grad_norm': None, 'mfu': None}
+    with pytest.raises(train.UserError, match='No space left on device'):
+        append_log('/dev/full', {'iter': 2, 'loss': 1.0})
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_in_one_sentence_and_keeps_the_last_one(
+        finished_run, capsys, monkeypatch):
+    import checkpoint
+    folder, argv = finished_run
+    before = files(folder)
+
+    def full_disk(state, f):
+        f.write(b'PK partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 10: file write failed')
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
+    capsys.readouterr()
+    code, out = run(argv + ['--init_from=resume', '--max_iters=6'], capsys)
+    assert code == 1 and one_sentence(out) and 'file write failed' in out.err and 'enforce' not in out.err
+    assert 'free space' in out.err and (folder / 'ckpt.pt').read_bytes() == before['ckpt.pt']
+    assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]

@@ -58,7 +58,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import fail, write_atomically  # noqa: E402
+from common import check_out_dir, fail, write_atomically  # noqa: E402
 
 PADDED_VOCAB_SIZE = 50304
 C4_URL = 'https://huggingface.co/datasets/allenai/c4/resolve/main/en/'
@@ -101,6 +101,7 @@ def parse_args(default_out_dir):
         fail("--row_length must be at least 2, room for one token and </s>")
     if args.layout == 'packed' and args.tokenizer_file:
         fail("--tokenizer_file is for --layout rows; the packed layout uses tiktoken's gpt2 encoding")
+    check_out_dir(args.out_dir)
     return args
 
 
