@@ -135,6 +135,7 @@ def report(cfg, model, device, warmup_seconds, seconds_per_step):
         'device': device_name, 'threads': torch.get_num_threads(), 'arch': config.arch,
         'norm_scheme': config.norm_scheme, 'n_layer': config.n_layer, 'n_embd': config.n_embd,
         'parameters': model.num_params(), 'tokens_per_step': tokens_per_step, 'compile': cfg.compile,
+        'compile_mode': cfg.compile_mode,
         'dtype': cfg.dtype, 'warmup_seconds': warmup_seconds, 'ms_per_step': 1000 * seconds_per_step,
         'tokens_per_sec': tokens_per_step / seconds_per_step,
         'mfu': flops_per_step / seconds_per_step / peak, 'peak_flops': peak, 'peak_source': peak_source,

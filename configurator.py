@@ -156,8 +156,10 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     # an explicit timeout: how long a process waits in a collective (for a slow rank, a long evaluation) before
     # the job fails, instead of NCCL's default of 10 minutes
+    # device_id binds the group to this process's GPU: NCCL starts now, and barriers know the device
     torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
-                                         timeout=datetime.timedelta(minutes=cfg.ddp_timeout_minutes))
+                                         timeout=datetime.timedelta(minutes=cfg.ddp_timeout_minutes),
+                                         device_id=device if device.type == 'cuda' else None)
     return dist, device
 
 

@@ -318,9 +318,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """normal(0, 0.02) for every matrix, normal(0, embedding_init_std) for the embeddings, zero biases, unit
-        norm weights (under lns_mode 'gain_init' a block's two norms start at its LNS factors); then init_scheme's
-        residual-output projections, or DeepNet's Xavier init under deepnorm."""
+        norm weights (under lns_mode 'gain_init' a block's two norms start at its LNS factors), LayerScale's gains at
+        layerscale_init and SkipInit's at 1/sqrt(L); then init_scheme's residual-output projections, or DeepNet's
+        Xavier init under deepnorm. Every tensor is set here, so a model made on the meta device and moved with
+        to_empty is initialised by this alone."""
         for module in self.modules():
+            if isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
             elif isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:  # tied: the embedding
@@ -331,6 +337,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.constant_(block.attn_norm.weight, block.norm_weight_init[0])
             nn.init.constant_(block.mlp_norm.weight, block.norm_weight_init[1])
+            if block.attn_gain is not None:  # LayerScale's per-channel gains, or SkipInit's scalar
+                for gain in (block.attn_gain, block.mlp_gain):
+                    nn.init.constant_(gain, self.config.layerscale_init if self.config.layerscale else 1 / math.sqrt(L))
             residual_outputs = (block.attn.proj.weight, block.mlp.proj.weight)
             if self.config.init_scheme == 'scaled':
                 for weight in residual_outputs:

@@ -94,6 +94,8 @@ class TrainConfig:
     tf32: bool = True                      # float32 matmuls on CUDA in TF32 (faster, about 3 digits); False: full
                                            # float32, as on a CPU
     compile: bool = False                  # torch.compile the model
+    compile_mode: str = 'default'          # torch.compile's mode, e.g. 'max-autotune-no-cudagraphs' (longer
+                                           # compilation, maybe faster steps: a bench.py row decides)
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
     ddp_timeout_minutes: int = 30          # a process waiting this long in a collective fails the job
@@ -115,7 +117,7 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
 # how one invocation runs, never the run itself: on resume these come from the command line and config files as
 # given now; every other setting (the model, the data, the schedule, the cadence) from the checkpoint, unless the
 # command line names it (--key=value), which the start-up announces (continue_run)
-LAUNCH = ('out_dir', 'init_from', 'overwrite', 'device', 'compile', 'tf32', 'activation_checkpointing',
+LAUNCH = ('out_dir', 'init_from', 'overwrite', 'device', 'compile', 'compile_mode', 'tf32', 'activation_checkpointing',
           'ddp_timeout_minutes', 'wandb_log', 'wandb_project', 'wandb_run_name')
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
@@ -261,7 +263,7 @@ def train(cfg, dist, device, explicit=(), given=()):
 def wrap_for_training(model, cfg, dist, device):
     """The module the training step calls: compiled if asked, in DDP under torchrun. The bare model is the one
     evaluated and saved, so checkpoints never carry a compile or DDP prefix."""
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     if dist.ddp:
         # gradients live in DDP's communication buckets (no second copy); 100 MB buckets: a few dozen all-reduces
         # per step for 350M-1B models instead of DDP's default 25 MB's hundreds
@@ -420,8 +422,15 @@ def check_same_run(cfg, checkpoint, config, meta, fingerprint, data_dir):
 
 
 def build_model(cfg, config, device):
-    """(model, optimizer, autocast, scaler) as cfg asks, the weights drawn from the current seed."""
-    model = GPT(config).to(device)
+    """(model, optimizer, autocast, scaler) as cfg asks, the weights drawn from the current seed (on a GPU from its
+    generator: the model is made there, without a float32 copy on the CPU, 5.4 GB per process at 1B)."""
+    if device.type == 'cpu':
+        model = GPT(config)
+    else:
+        with torch.device('meta'):  # shapes only, no memory
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()
     if cfg.dtype == 'pure_bfloat16':
         # no fp32 master copy: an Adam step below half a bf16 spacing (2^-8 just under 1) rounds away, so norm gains
         # of 1 stay exactly 1 at lr 1e-3 (README, "Paper scale")

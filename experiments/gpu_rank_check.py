@@ -1,9 +1,10 @@
-"""The two Python pieces of experiments/gpu_check.sh's stand-in for one rank of the authors' 8-GPU 1B run: a
-synthetic dataset in their rows layout, and the summary of the stand-in's log.jsonl, which checks that the losses
-continue across its resume.
+"""The Python pieces of experiments/gpu_check.sh: a synthetic dataset in the authors' rows layout, the summary of the
+stand-in for one rank of their 8-GPU 1B run (its log.jsonl: the losses continue across its resume), and the
+comparison of a run stopped and resumed with the same run trained straight through.
 
     python experiments/gpu_rank_check.py data FOLDER     # 4,096 train and 1,024 val rows of 256 tokens
     python experiments/gpu_rank_check.py summary LOG --resumed_at 6 --last 9 --sequences 64 [--startup OUTPUT]
+    python experiments/gpu_rank_check.py pair STRAIGHT RESUMED --resumed_at 3 --last 6
 """
 
 import argparse
@@ -91,6 +92,35 @@ def summary(log_path, resumed_at, last, sequences, startup=None):
     return lines, problems
 
 
+PAIR_TOLERANCE = 1e-3  # relative, on each training loss and weight: a bf16 spacing is 2^-8, about 4e-3
+
+
+def pair(straight, resumed, resumed_at, last):
+    """(lines, problems): how far the run resumed at resumed_at ends from the one trained straight to last, in
+    its training losses after the resume and its final weights (on a CPU the two are equal to the bit)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from model import read_checkpoint
+    losses = []
+    for folder in (straight, resumed):
+        path = os.path.join(folder, 'log.jsonl')
+        if not os.path.exists(path):
+            return [], [f"no log at {path}: that run failed before its first record"]
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        losses.append({r['iter']: r['loss'] for r in records if 'loss' in r and r['iter'] > resumed_at})
+    if sorted(losses[0]) != sorted(losses[1]) or sorted(losses[1]) != list(range(resumed_at + 1, last + 1)):
+        return [], [f"training records after the resume: {sorted(losses[0])} straight, {sorted(losses[1])} resumed"]
+    loss_gap = max(abs(losses[1][i] - losses[0][i]) / abs(losses[0][i]) for i in losses[0])
+    weights = [read_checkpoint(os.path.join(folder, 'ckpt.pt'))['model'] for folder in (straight, resumed)]
+    weight_gap = max(((weights[1][k].float() - weights[0][k].float()).abs().max()
+                      / weights[0][k].float().abs().max().clamp(min=1e-12)).item() for k in weights[0])
+    lines = [f"iterations {resumed_at + 1}-{last} after a stop at {resumed_at}: training losses within "
+             f"{loss_gap:.1e} (relative) of the straight run's, final weights within {weight_gap:.1e}"]
+    problems = [f"the resumed run leaves the straight one by {gap:.1e} in its {what}, more than {PAIR_TOLERANCE}"
+                for what, gap in (('losses', loss_gap), ('weights', weight_gap)) if gap > PAIR_TOLERANCE]
+    return lines, problems
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
@@ -101,14 +131,23 @@ def main(argv):
     summarize.add_argument('--last', type=int, required=True, help="the resumed run's last iteration")
     summarize.add_argument('--sequences', type=int, required=True, help='sequences per step of this process')
     summarize.add_argument('--startup', help="the first run's output, for the trainer's start-up lines")
+    compare = commands.add_parser('pair', help='compare a resumed run with the same run trained straight through')
+    compare.add_argument('straight')
+    compare.add_argument('resumed')
+    compare.add_argument('--resumed_at', type=int, required=True)
+    compare.add_argument('--last', type=int, required=True)
     args = parser.parse_args(argv)
     if args.command == 'data':
         write_rows(args.folder)
         print(f"wrote synthetic rows to {args.folder}")
         return 0
-    lines, problems = summary(args.log, args.resumed_at, args.last, args.sequences, args.startup)
-    print('\n'.join(f"rank stand-in: {line}" for line in lines))
-    print('rank stand-in: ' + ('FAILED: ' + '; '.join(problems) if problems else 'ok'))
+    if args.command == 'pair':
+        name, (lines, problems) = 'resume pair', pair(args.straight, args.resumed, args.resumed_at, args.last)
+    else:
+        name, (lines, problems) = 'rank stand-in', summary(args.log, args.resumed_at, args.last, args.sequences,
+                                                           args.startup)
+    print('\n'.join(f"{name}: {line}" for line in lines))
+    print(f'{name}: ' + ('FAILED: ' + '; '.join(problems) if problems else 'ok'))
     return 1 if problems else 0
 
 

@@ -184,6 +184,78 @@ def test_the_distributed_backend_follows_the_chosen_device_not_the_machine(monke
         torch.distributed.destroy_process_group()
 
 
+def test_each_process_binds_its_process_group_to_its_own_gpu(monkeypatch):
+    """device_id: NCCL starts with the group and the last barrier knows its GPU instead of guessing it."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kwargs: calls.append(kwargs))
+    for key, value in {'RANK': '2', 'LOCAL_RANK': '2', 'WORLD_SIZE': '4'}.items():
+        monkeypatch.setenv(key, value)
+    dist, device = configurator.setup_distributed(train.parse_config(['--device=cuda']))
+    assert device == torch.device('cuda', 2) and calls[0]['backend'] == 'nccl'
+    assert calls[0]['device_id'] == torch.device('cuda', 2)
+
+
+def test_background_saves_copy_into_the_same_buffers_every_time(tmp_path, monkeypatch):
+    """Allocated once, not per save: at 1B the state is 8 to 16 GB, fresh memory each time a stall on rank 0."""
+    written = []
+    real_save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', lambda *args: (written.append(args[1]), real_save(*args)))
+    writer = checkpoint.CheckpointWriter(str(tmp_path), 1, str(tmp_path / 'log.jsonl'))
+    weights = torch.ones(4)
+    for iteration in (1, 2):
+        writer.save({'model': {'w': weights}, 'model_config': {}, 'iter_num': iteration, 'rng': [torch.ones(2)]})
+        weights.add_(1)
+    writer.close()
+    first, second = written
+    assert first['model']['w'].data_ptr() == second['model']['w'].data_ptr() != weights.data_ptr()
+    assert first['rng'][0].data_ptr() == second['rng'][0].data_ptr()
+    assert torch.equal(read_checkpoint(tmp_path / 'ckpt-0000001.pt')['model']['w'], torch.ones(4))
+    assert torch.equal(read_checkpoint(tmp_path / 'ckpt.pt')['model']['w'], torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize('options', [dict(arch='llama', norm_scheme='lns', lns_mode='gain_init'),
+                                     dict(arch='gpt', norm_scheme='post', bias=True, layerscale=True),
+                                     dict(arch='llama', norm_scheme='peri', skipinit=True),
+                                     dict(arch='gpt', norm_scheme='deepnorm', bias=True, tie_embeddings=True)])
+def test_init_weights_sets_every_tensor_so_a_model_made_on_the_meta_device_needs_nothing_else(options):
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=11, **options)
+    torch.manual_seed(0)
+    made = GPT(config)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float('nan'))
+    torch.manual_seed(0)
+    model.init_weights()
+    for (name, p), q in zip(model.named_parameters(), made.parameters()):
+        assert torch.isfinite(p).all(), name
+        if p.numel() > 1 and p.std() == 0 or p.numel() == 1:  # the constants: norm weights, biases, gains
+            assert torch.equal(p, q), name
+
+
+def test_the_trainer_makes_the_model_on_its_device_without_a_copy_in_cpu_memory(monkeypatch):
+    """On a GPU the 1B model was made on the CPU in float32 first (5.4 GB per process) and initialised twice; here
+    the meta device stands in for the GPU: every tensor init_weights sets must already live there."""
+    devices = []
+    init_weights = GPT.init_weights
+    monkeypatch.setattr(GPT, 'init_weights', lambda model: (devices.extend(p.device.type for p in model.parameters()),
+                                                             init_weights(model)))
+    cfg = train.parse_config(['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32'])
+    model = train.build_model(cfg, train.model_config(cfg, 65), torch.device('meta'))[0]
+    assert devices and set(devices) == {'meta'} and {p.device.type for p in model.parameters()} == {'meta'}
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, 'compile', lambda model, mode=None: (modes.append(mode), model)[1])
+    cfg = train.parse_config(['--compile=True', '--compile_mode=max-autotune-no-cudagraphs'])
+    train.wrap_for_training(torch.nn.Linear(2, 2), cfg, configurator.Distributed(), torch.device('cpu'))
+    assert modes == ['max-autotune-no-cudagraphs']
+
+
 def test_peak_flops_match_whole_words_and_follow_the_dtype(monkeypatch):
     for name, dtype, peak in [('NVIDIA L4', 'bfloat16', 121e12), ('NVIDIA L40S', 'bfloat16', 362e12),
                               ('NVIDIA H100 80GB HBM3', 'float32', 495e12), ('Tesla V100-SXM2-16GB', 'float16', 125e12),
