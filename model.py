@@ -313,6 +313,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # True: recompute block activations in backward, to save memory
+        self.loss_chunk_tokens = 0  # N: the training loss over N tokens at a time (forward without logits)
         self.init_weights()
 
     @torch.no_grad()
@@ -406,13 +407,26 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope)
             residuals.append(x)
-        logits = self.lm_head(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None and not return_logits and self.loss_chunk_tokens:
+            # chunk by chunk, each chunk's logits recomputed in the backward pass: never all of the (tokens x vocab)
+            # float32 logits at once (at 350M, 524M of them per micro-step)
+            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            n = self.loss_chunk_tokens
+            sums = [torch.utils.checkpoint.checkpoint(self.loss_sum, chunk, chunk_targets, use_reentrant=False)
+                    for chunk, chunk_targets in zip(x.split(n), targets.split(n))]
+            loss = torch.stack(sums).sum() / (targets >= 0).sum()
+            return (None, loss, residuals) if return_residuals else (None, loss)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if not return_logits:
             logits = None
         return (logits, loss, residuals) if return_residuals else (logits, loss)
+
+    def loss_sum(self, x, targets):
+        return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1, reduction='sum')
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, skip_layers=()):

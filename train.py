@@ -97,6 +97,8 @@ class TrainConfig:
     compile_mode: str = 'default'          # torch.compile's mode, e.g. 'max-autotune-no-cudagraphs' (longer
                                            # compilation, maybe faster steps: a bench.py row decides)
     activation_checkpointing: bool = False # recompute each block's activations in the backward pass: less memory
+    loss_chunk_tokens: int = 0             # N > 0: the loss over N tokens at a time, their logits recomputed in
+                                           # backward (less memory; a bench.py row decides its speed)
     keep_last_n: int = 0                   # also keep this many earlier checkpoints, as ckpt-<iter>.pt
     ddp_timeout_minutes: int = 30          # a process waiting this long in a collective fails the job
     seed: int = 1337
@@ -118,7 +120,7 @@ SETTING_TYPES = {**{key: kind for key, kind in get_type_hints(GPTConfig).items()
 # given now; every other setting (the model, the data, the schedule, the cadence) from the checkpoint, unless the
 # command line names it (--key=value), which the start-up announces (continue_run)
 LAUNCH = ('out_dir', 'init_from', 'overwrite', 'device', 'compile', 'compile_mode', 'tf32', 'activation_checkpointing',
-          'ddp_timeout_minutes', 'wandb_log', 'wandb_project', 'wandb_run_name')
+          'loss_chunk_tokens', 'ddp_timeout_minutes', 'wandb_log', 'wandb_project', 'wandb_run_name')
 DIAGNOSTIC_TOKENS = 1024  # the per-block diagnostics' batch: 4 rows of the paper's 256 tokens (diagnostic_sequences)
 
 
@@ -436,6 +438,7 @@ def build_model(cfg, config, device):
         # of 1 stay exactly 1 at lr 1e-3 (README, "Paper scale")
         model.to(torch.bfloat16)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk_tokens = cfg.loss_chunk_tokens
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     autocast, scaler = mixed_precision(cfg.dtype, device, cfg.tf32)
     return model, optimizer, autocast, scaler
@@ -717,7 +720,8 @@ RANGES = {
                      'block_size', 'global_batch_size', 'gradient_accumulation_steps', 'max_iters',
                      'ddp_timeout_minutes', 'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'],
                     AT_LEAST_1),
-    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n'], AT_LEAST_0),
+    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n',
+                     'loss_chunk_tokens'], AT_LEAST_0),
     'learning_rate': POSITIVE,
     **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),
 }

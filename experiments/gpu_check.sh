@@ -15,8 +15,9 @@
 #    continue, ms/iter, peak memory, checkpoint copy and write times; rank_log.jsonl: the run's log.
 # 4. bench.py rows, compiled, pure bf16: 350M at the 8-GPU run's micro-batch (64 of its 128 ceiling), then 1B at
 #    ffn_hidden 5461 (the config's) and 5504 (a multiple of 64): ms/step, tokens/s, MFU, peak memory.
-# 5. The rest, while time remains: 350M compiled with max-autotune-no-cudagraphs (a lever, not a default until
-#    measured), bench rows for 130M and 71M, the other tests of tests/test_cuda.py.
+# 5. The rest, while time remains: two levers at 350M, not defaults until measured (compiled with
+#    max-autotune-no-cudagraphs; the loss in chunks, no full float32 logits), rows for 130M and 71M, the other tests
+#    of tests/test_cuda.py.
 # parts.txt: each part's outcome and seconds as it ends (NAME.txt: its output); the last lines printed are the report.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -123,6 +124,8 @@ bench_row '1B (ffn 5504)' bench_1b_ffn5504 35 config/llama_1b_lns.py --ffn_hidde
 # 5. The rest, while time remains.
 bench_row '350M (max-autotune-no-cudagraphs)' bench_350m_autotune 150 config/llama_350m_lns.py --batch_size=64 \
   --compile_mode=max-autotune-no-cudagraphs
+bench_row '350M (loss in chunks of 8,192 tokens)' bench_350m_chunked_loss 60 config/llama_350m_lns.py --batch_size=64 \
+  --loss_chunk_tokens=8192
 bench_row 130M bench_130m 60 config/llama_130m_lns.py
 bench_row 71M bench_71m 60 config/llama_71m_lns.py
 part tests_rest 120 python -m pytest -v -s tests/test_cuda.py -k "not ($core)"

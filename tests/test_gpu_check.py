@@ -20,7 +20,8 @@ BUDGET = 470  # GPU_CHECK_SECONDS' default
 # (part, its time limit): those that must fit the budget, in order, then the rest
 DECISIVE = [('tests_core', 110), ('resume_pair', 90), ('rank_train', 100), ('rank_resume', 60), ('bench_350m', 40),
             ('bench_1b_ffn5461', 35), ('bench_1b_ffn5504', 35)]
-REST = [('bench_350m_autotune', 150), ('bench_130m', 60), ('bench_71m', 60), ('tests_rest', 120)]
+REST = [('bench_350m_autotune', 150), ('bench_350m_chunked_loss', 60), ('bench_130m', 60), ('bench_71m', 60),
+        ('tests_rest', 120)]
 
 
 def run_check(tmp_path, budget=BUDGET, seconds_per_part=0):

@@ -372,3 +372,25 @@ def test_resume_maps_the_checkpoint_so_that_the_processes_of_a_node_share_one_co
         assert str(tmp_path / 'ckpt.pt') in f.read()  # in the page cache, not a private copy
     for key, value in read_checkpoint(tmp_path / 'ckpt.pt')['model'].items():
         assert torch.equal(saved['model'][key], value)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_the_loss_in_chunks_equals_the_loss_over_all_logits_and_so_do_its_gradients(dtype):
+    """loss_chunk_tokens: the chunks' loss sums over the targets that count (-1: none), each chunk's logits
+    recomputed in the backward pass; the same loss and gradients as over the whole (batch x seq x vocab) at once."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).to(dtype)
+    x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    y[0, :5] = -1
+    results = []
+    for chunk in (0, 7):  # 48 tokens: 6 chunks of 7 and one of 6
+        model.zero_grad()
+        model.loss_chunk_tokens = chunk
+        _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert chunked.item() == pytest.approx(whole.item(), rel=tolerance)
+    for a, b in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tolerance, atol=tolerance)
