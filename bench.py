@@ -292,7 +292,10 @@ def run(argv):
             raise configurator.UserError("--paper takes only --json FILE")
         print(paper_table(argv[2] if len(argv) == 3 else None))
         return
-    if argv == ['--memory']:
+    if '--memory' in argv:
+        if argv != ['--memory']:
+            raise configurator.UserError("--memory takes no other argument: it estimates every paper config at 1 to "
+                                         "16 GPUs without running one; run python bench.py --memory")
         print(memory_table())
         return
     if argv and argv[0] == '--table':

@@ -84,10 +84,10 @@ def load_resume_checkpoint(out_dir):
     try:
         return read_checkpoint(ckpt_path, mmap=True)
     except ValueError as error:
-        earlier = sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt-*.pt')))[:-1]  # the last is ckpt.pt
+        earlier = sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt-*.pt')))
         raise UserError(f"{error}; nothing was loaded or changed, and " + (
-            f"earlier checkpoints remain ({', '.join(map(os.path.basename, earlier))}): copy one to ckpt.pt to resume "
-            f"from it" if earlier else "no earlier checkpoint remains (keep_last_n keeps some)")) from None
+            f"earlier checkpoints remain ({', '.join(map(os.path.basename, earlier))}): copy one over ckpt.pt to "
+            f"resume from it" if earlier else "no earlier checkpoint remains (keep_last_n keeps some)")) from None
 
 
 def read_log(path, note_file=None):
@@ -165,8 +165,9 @@ class CheckpointWriter:
     then a thread writes it with save_checkpoint, atomically, while training goes on. One write at a time: a save
     waits for the previous write, and close() for the last one. A failed write raises on the next save or close."""
 
-    def __init__(self, out_dir, keep_last_n, log_path):
+    def __init__(self, out_dir, keep_last_n, log_path, saved_iter=None):
         self.out_dir, self.keep_last_n, self.log_path = out_dir, keep_last_n, log_path
+        self.saved_iter = saved_iter  # the iteration ckpt.pt holds (a resumed run's), kept as ckpt-<it>.pt
         self.thread, self.error = None, None
         self.buffers = {}  # the CPU copy of each tensor, by its place in the state: allocated once, reused
 
@@ -202,7 +203,8 @@ class CheckpointWriter:
             start = time.perf_counter()
             if copied is not None:
                 copied.synchronize()
-            save_checkpoint(self.out_dir, state, self.keep_last_n)
+            save_checkpoint(self.out_dir, state, self.keep_last_n, previous=self.saved_iter)
+            self.saved_iter = state['iter_num']
             write_seconds = time.perf_counter() - start
             print(f"saved ckpt.pt at iteration {state['iter_num']}: {copy_seconds:.2f} s copying to CPU memory "
                   f"(training waited), {write_seconds:.2f} s writing in the background")
@@ -227,27 +229,30 @@ class CheckpointWriter:
         self.wait()
 
 
-def save_checkpoint(out_dir, state, keep_last_n=0):
-    """Writes out_dir/ckpt.pt atomically, keeping the keep_last_n previous ones as ckpt-<iter>.pt."""
-    numbered = os.path.join(out_dir, f"ckpt-{state['iter_num']:07d}.pt")
-    write_atomically(numbered, lambda f: torch.save(state, f))
-    latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt.pt.tmp')
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(numbered, tmp)  # a second name for the same file: no copy
-    except OSError:
-        shutil.copyfile(numbered, tmp)
-    os.replace(tmp, latest)
-    # the newest numbered file is ckpt.pt itself; beyond it keep keep_last_n
-    numbered_files = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
-    keep = numbered_files[-(keep_last_n + 1):] if keep_last_n else []
-    for old in set(numbered_files) - set(keep):
+def save_checkpoint(out_dir, state, keep_last_n=0, previous=None):
+    """Writes out_dir/ckpt.pt atomically. With keep_last_n, the checkpoint it replaces (that of iteration
+    `previous`) stays as ckpt-<previous>.pt, and the keep_last_n newest of those are kept: ckpt.pt never shares its
+    file with a numbered one, so copying a numbered checkpoint over it changes nothing else."""
+    latest = os.path.join(out_dir, 'ckpt.pt')
+
+    def keep_previous():
+        if not keep_last_n or previous is None or not os.path.exists(latest):
+            return
+        numbered = os.path.join(out_dir, f"ckpt-{previous:07d}.pt")
+        if not os.path.exists(numbered):
+            try:
+                os.link(latest, numbered)  # a second name for the file ckpt.pt is about to leave: no copy
+            except OSError:
+                shutil.copyfile(latest, numbered)
+    write_atomically(latest, lambda f: torch.save(state, f), before_replace=keep_previous)
+    numbered_files = sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt-*.pt')))
+    for old in numbered_files[:len(numbered_files) - keep_last_n]:
         os.remove(old)
 
 
-def write_atomically(path, write):
-    """write(file) into a temporary file, fsync, then rename: a crash mid-write never leaves a partial `path`."""
+def write_atomically(path, write, before_replace=None):
+    """write(file) into a temporary file, fsync, then rename (calling before_replace() just before): a crash
+    mid-write never leaves a partial `path`."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -258,6 +263,8 @@ def write_atomically(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)  # a full disk keeps no half-written file
         raise
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
 
 

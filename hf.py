@@ -432,6 +432,7 @@ def export(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', metavar='RUN_OR_CHECKPOINT', help='a run folder of train.py or a checkpoint file')
     parser.add_argument('folder', metavar='HF_FOLDER', help='the Hugging Face folder to write')
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier export in HF_FOLDER')
     args = parser.parse_args(argv)
     path = os.path.join(args.source, 'ckpt.pt') if os.path.isdir(args.source) else args.source
     if not os.path.exists(path) and os.path.isfile(os.path.join(args.source, 'config.json')):
@@ -441,6 +442,9 @@ def export(argv):
             f"the two arguments are swapped; run python hf.py {args.folder} {args.source}" if swapped else
             f"hf.py writes such a folder from a run (python hf.py RUN_FOLDER {args.source}), and eval_layers.py "
             f"and sample.py read it as it is"))
+    if os.path.isfile(os.path.join(args.folder, 'config.json')) and not args.overwrite:
+        raise UserError(f"{args.folder} already holds an export (its config.json); pass --overwrite to replace it, "
+                        f"or choose another folder")
     try:
         checkpoint = read_checkpoint(path)
         model = GPT.from_checkpoint(checkpoint)

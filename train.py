@@ -178,7 +178,8 @@ def train(cfg, dist, device, explicit=(), given=()):
                f"then training") + (", the first step compiling the model (minutes for a large one)" if cfg.compile
                                     else ''), flush=True)
     train_model = wrap_for_training(model, cfg, dist, device)
-    writer = CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path) if dist.master else None
+    writer = (CheckpointWriter(cfg.out_dir, cfg.keep_last_n, log_path, saved_iter=resumed_at) if dist.master
+              else None)
     health, stopwatch = TrainingHealth(device), Stopwatch(device)
     progress = Progress(cfg, model, device, dist, log_path)
     checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
@@ -379,6 +380,9 @@ def continue_run(cfg, checkpoint, explicit, given, world_size):
     and those the command line names (`explicit`) changed, but a model setting, which is refused; and the lines the
     start-up prints about what changed, and what config files gave that the run did not take."""
     saved, now, built = checkpoint['train_config'], cfg.settings(), checkpoint['model_config']
+    if 'seed' in explicit and now['seed'] != saved.get('seed'):
+        raise UserError(f"seed sets a run's initial weights and data order, which the run in {cfg.out_dir} has "
+                        f"(seed={saved.get('seed')}); resume without --seed, or start a new run for another seed")
     other_model = [k for k in MODEL_KEYS if k in explicit and now[k] is not None and now[k] != built.get(k)]
     if other_model:
         raise UserError(f"{cfg.out_dir}/ckpt.pt holds another model than asked: " + ', '.join(
@@ -403,7 +407,17 @@ def continue_run(cfg, checkpoint, explicit, given, world_size):
 
 
 def check_same_run(cfg, checkpoint, config, meta, fingerprint, data_dir):
-    """Refuses to resume the checkpoint's run with another model or on other data than it trained on."""
+    """Refuses to resume the checkpoint's run on other data than it trained on (checked first: other data can
+    also mean another vocabulary, which is not the user asking for another model), or with another model."""
+    saved_meta = checkpoint.get('data_meta')
+    if saved_meta is not None and saved_meta != meta:
+        keys = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
+        raise UserError(f"{data_dir} holds other data than the run in {cfg.out_dir} trained on (its meta.json "
+                        f"differs in {', '.join(keys)}); point data_dir at the data it trained on (or prepare that "
+                        f"again), or start a new run")
+    if checkpoint.get('data_fingerprint', fingerprint) != fingerprint:
+        raise UserError(f"train.bin or val.bin in {data_dir} differ from the data the run in {cfg.out_dir} trained "
+                        f"on (meta.json is the same); point data_dir at the run's data, or start a new run")
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     try:  # resolved again, so that settings added since the checkpoint take their defaults
         saved = GPTConfig.from_dict(checkpoint['model_config']).to_dict()
@@ -413,14 +427,6 @@ def check_same_run(cfg, checkpoint, config, meta, fingerprint, data_dir):
         differences = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in config.to_dict().items() if saved.get(k) != v]
         raise UserError(f"{ckpt_path} holds a different model: {', '.join(differences)}; "
                         f"resume with the checkpoint's settings or use another out_dir")
-    saved_meta = checkpoint.get('data_meta')
-    if saved_meta is not None and saved_meta != meta:
-        keys = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
-        raise UserError(f"{data_dir} holds other data than the run in {cfg.out_dir} trained on (its meta.json "
-                        f"differs in {', '.join(keys)}); point data_dir at the run's data, or start a new run")
-    if checkpoint.get('data_fingerprint', fingerprint) != fingerprint:
-        raise UserError(f"train.bin or val.bin in {data_dir} differ from the data the run in {cfg.out_dir} trained "
-                        f"on (meta.json is the same); point data_dir at the run's data, or start a new run")
 
 
 def build_model(cfg, config, device):

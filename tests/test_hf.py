@@ -291,12 +291,15 @@ def test_a_failed_export_leaves_the_existing_folder_as_it_was(tmp_path, capsys):
     assert hf.main([str(tmp_path / 'pre'), str(target)]) == 0
     before = {name: (target / name).read_bytes() for name in os.listdir(target)}
     capsys.readouterr()
-    assert hf.main([str(tmp_path / 'post'), str(target)]) == 1
+    assert hf.main([str(tmp_path / 'post'), str(target)]) == 1  # an export over it is refused without a word
+    err = capsys.readouterr().err
+    assert 'already holds an export' in err and '--overwrite' in err and err.count('\n') == 1, err
+    assert hf.main([str(tmp_path / 'post'), str(target), '--overwrite']) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: norm_scheme 'post' cannot be exported") and err.count('\n') == 1, err
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
     assert sorted(os.listdir(tmp_path)) == ['hf', 'post', 'pre']
-    assert hf.main([str(tmp_path / 'pre'), str(target)]) == 0  # a previous export is replaced
+    assert hf.main([str(tmp_path / 'pre'), str(target), '--overwrite']) == 0  # a previous export is replaced
     assert sorted(os.listdir(target)) == sorted(before)
 
 

@@ -379,3 +379,37 @@ def test_a_checkpoint_that_cannot_be_written_ends_in_one_sentence_and_keeps_the_
     assert code == 1 and one_sentence(out) and 'file write failed' in out.err and 'enforce' not in out.err
     assert 'free space' in out.err and (folder / 'ckpt.pt').read_bytes() == before['ckpt.pt']
     assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
+
+
+def test_ckpt_pt_shares_its_file_with_no_numbered_checkpoint_so_copying_one_over_it_changes_nothing_else(
+        tmp_path, char_data):
+    folder = tmp_path / 'run'
+    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={folder}', '--eval_interval=2', '--keep_last_n=2']
+    assert run(argv + ['--max_iters=6'])[0] == 0
+    assert sorted(name for name in os.listdir(folder) if name.startswith('ckpt')) == [
+        'ckpt-0000002.pt', 'ckpt-0000004.pt', 'ckpt.pt']
+    earlier = {name: (folder / name).read_bytes() for name in ('ckpt-0000002.pt', 'ckpt-0000004.pt')}
+    shutil.copyfile(folder / 'ckpt-0000002.pt', folder / 'ckpt.pt')  # a rollback, as the damage message advises
+    assert {name: (folder / name).read_bytes() for name in earlier} == earlier
+    assert read_checkpoint(str(folder / 'ckpt.pt'))['iter_num'] == 2
+
+
+def test_resume_with_another_seed_is_refused(finished_run, capsys):
+    folder, argv = finished_run
+    before = files(folder)
+    code, out = run(argv + ['--init_from=resume', '--max_iters=6', '--seed=1'], capsys)
+    assert code == 1 and one_sentence(out) and 'resume without --seed' in out.err
+    assert files(folder) == before
+
+
+def test_resume_on_a_data_folder_prepared_again_names_the_data_not_the_model(finished_run, tmp_path, capsys,
+                                                                             char_data):
+    """Other text means another vocabulary too: the sentence says the data changed, not that a model was asked."""
+    folder, argv = finished_run
+    copy = other_data(char_data, tmp_path / 'data', lambda copy: None)
+    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'), '--input',
+                    os.path.join(ROOT, 'README.md'), '--out_dir', str(copy)], check=True, capture_output=True)
+    code, out = run(['--init_from=resume', f'--out_dir={folder}', '--max_iters=6', f'--data_dir={copy}',
+                     '--device=cpu'], capsys)
+    assert code == 1 and one_sentence(out) and 'holds other data than the run' in out.err
+    assert 'asked' not in out.err

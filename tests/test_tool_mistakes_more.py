@@ -247,3 +247,10 @@ def test_a_file_that_is_no_checkpoint_ends_in_one_sentence_without_torchs_advice
     error = one_error(result.stderr)
     assert str(model) in error and 'weights_only' not in error, error  # read_checkpoint's sentence, passed through
     assert not os.path.exists(tmp_path / 'hf')
+
+
+@pytest.mark.parametrize('argv', [['--device=cpu', '--memory'], ['--memory', '--n_layer=2']])
+def test_bench_memory_with_other_arguments_says_it_takes_none(capsys, argv):
+    assert bench.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and '--memory takes no other argument' in err and 'python bench.py --memory' in err
