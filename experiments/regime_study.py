@@ -23,8 +23,15 @@ Reports, per arm: the passes over the training data, each scheme's best rate and
 gap of each LNS mode to Pre-LN at their best rates paired by seed with a 95% t-interval and a sign test, the same
 gap over seeds 1-4 alone (held out: the rates were chosen on seed 0), and each scheme's validation-minus-training
 loss at the end; across arms, the gap's change from A to B (repetition) and from B to C (width), paired by seed.
-Writes experiments/results/regime_study.json and experiments/figures/regime_study.png; runs go to
-experiments/runs/regime_study/, whose logs and train.out are committed.
+eval_layers.py measures each run as it finishes (and, once an arm is complete, any run at a best rate still
+unmeasured) on the first LAYER_TOKENS of the validation split: per block the loss increase with the block removed
+(its neighbours keep their own 1/sqrt(l)), the angular distance between its input and output, the residual
+variance after it. Reported per scheme as means with t-intervals over seeds, and as the share of the whole
+layer-drop damage that the deepest half of the blocks carry, LNS minus Pre-LN paired by seed: do LNS's deep blocks
+matter more, at each scheme's own best?
+Writes experiments/results/regime_study.json (the layer analyses, one file per run, under
+results/regime_layers/, kept for clones without checkpoints) and experiments/figures/regime_study.png and
+regime_layers.png; runs go to experiments/runs/regime_study/, whose logs and train.out are committed.
 """
 
 import argparse
@@ -37,8 +44,8 @@ import time
 
 import recipe_study
 import tuned_study
-from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, run_all, run_device, sign_test,
-                           t_interval, threads_per_job, train, write_json)
+from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, outcome, pyplot, read_log, run_all,
+                           run_device, sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
@@ -48,6 +55,7 @@ ARMS = {'A': (64, 'mixed_char_1m', ('pre', 'lns')),
         'C': (128, 'mixed_char', ('pre', 'lns'))}
 LEARNING_RATES = (1e-3, 2e-3, 3e-3, 5e-3, 1e-2)  # around the tuned study's 12-block bests (pre 2e-3, lns 5e-3)
 SEEDS = 5
+LAYER_TOKENS = 65536  # the layer analyses' tokens: the first of the validation split, the same for every run
 CONTRASTS = (('A', 'B', 'repetition: 3 passes (A) against under one (B)'), ('B', 'C', 'width: 64 (B) against 128 (C)'))
 
 
@@ -119,16 +127,22 @@ def plan(args, arm):
 
 
 def run_one(args, threads, arm, rate, scheme, seed):
+    """Trains a run, then measures its layers while its checkpoint is here (the checkpoints are not committed, and
+    any run may turn out to sit at a best rate)."""
     start = time.time()
-    state = train(run_dir(args, arm, rate, scheme, seed), trainer_arguments(args, arm, rate, scheme, seed),
-                  args.steps, threads)
+    folder = run_dir(args, arm, rate, scheme, seed)
+    state = train(folder, trainer_arguments(args, arm, rate, scheme, seed), args.steps, threads)
     print(f"{state}: arm {arm}, lr {rate:g}, {scheme}, seed {seed} ({time.time() - start:.0f} s)", flush=True)
+    if state == 'finished' and not os.path.exists(layers_path(args, os.path.basename(folder))):
+        analyze_run(args, threads, os.path.basename(folder))
 
 
 def study(args, threads):
-    """Arm by arm, the screen then the seeds at each best, until nothing is left to run; returns the failed runs."""
+    """Arm by arm, the screen then the seeds at each best, until nothing is left to run, then the layer analyses of
+    the runs at each best; returns the failed runs."""
     failures = []
     for arm in args.arms:
+        failed = []
         while True:
             jobs = plan(args, arm)
             if not jobs:
@@ -138,7 +152,34 @@ def study(args, threads):
             failures += failed
             if failed:  # the plan would ask for the same runs again
                 break
+        if not failed:  # every run of the arm has finished
+            failures += run_all([lambda run=run: analyze_run(args, threads, run) for run in best_runs(args, arm)
+                                 if not os.path.exists(layers_path(args, run))], args.jobs)
     return failures
+
+
+def best_runs(args, arm):
+    """The finished runs at each scheme's best rate, by folder name."""
+    arm_losses = losses(args, arm)
+    return [os.path.basename(run_dir(args, arm, best, scheme, seed)) for scheme, by_rate in arm_losses.items()
+            for best in [tuned_study.best_rate(by_rate)] if best is not None for seed in sorted(by_rate[best])
+            if math.isfinite(by_rate[best][seed])]
+
+
+def layers_path(args, run):
+    """A run's layer analysis, committed: a clone without the checkpoints keeps it."""
+    return os.path.join(args.results, 'regime_layers', f'{run}.json')
+
+
+def analyze_run(args, threads, run):
+    folder = os.path.join(args.runs, run)
+    if not os.path.exists(os.path.join(folder, 'ckpt.pt')):
+        raise RunFailed(f"no checkpoint in {folder} for its layer analysis (train it again to measure it)")
+    arm = run.split('_', 1)[0]
+    os.makedirs(os.path.dirname(layers_path(args, run)), exist_ok=True)
+    analyze_layers([folder], os.path.join(args.data, ARMS[arm][1]), 1, layers_path(args, run), None, threads,
+                   args.device, tokens=LAYER_TOKENS)
+    print(f"layer analysis: {run}", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -185,7 +226,44 @@ def arm_report(args, arm):
                        for scheme in ('pre', mode)}
             report['gap'][mode] = paired(at_best[mode], at_best['pre'])
             report['held_out_gap'][mode] = paired(at_best[mode], at_best['pre'], seeds=range(1, SEEDS))
+    report['layers'] = layer_report(args, arm, arm_losses)
     return report
+
+
+def layer_report(args, arm, arm_losses):
+    """Per scheme at its best rate, from the committed layer analyses: per block the loss increase with the block
+    removed, the angular distance between its input and output and the residual variance after it (mean and
+    t-interval over seeds); and the share of the whole layer-drop damage that the deepest half of the blocks carry,
+    per seed, with each LNS mode's share minus Pre-LN's paired by seed."""
+    profiles = {}
+    for scheme, by_rate in arm_losses.items():
+        best, layers = tuned_study.best_rate(by_rate), {}
+        for seed in sorted(by_rate.get(best, {})):
+            path = layers_path(args, os.path.basename(run_dir(args, arm, best, scheme, seed)))
+            if os.path.exists(path):
+                with open(path) as f:
+                    layers[seed] = json.load(f)['models'][0]['layers']
+        if not layers:
+            continue
+        profile = {'learning_rate': best, 'seeds': sorted(layers)}
+        for key in ('loss_drop', 'angular_distance_next', 'variance'):
+            per_block = list(zip(*([layer[key] for layer in blocks] for blocks in layers.values())))
+            profile[key] = {'mean': [statistics.mean(values) for values in per_block],
+                            't_95': [t_interval(list(values)) for values in per_block]}
+        drops = {seed: [layer['loss_drop'] for layer in blocks] for seed, blocks in layers.items()}
+        profile['deep_half_share'] = {str(seed): sum(d[len(d) // 2:]) / sum(d) for seed, d in drops.items()}
+        profiles[scheme] = profile
+    shares = {}
+    for mode in ARMS[arm][2][1:]:
+        if {'pre', mode} <= set(profiles):
+            pre, lns = profiles['pre']['deep_half_share'], profiles[mode]['deep_half_share']
+            differences = [lns[seed] - pre[seed] for seed in sorted(set(pre) & set(lns))]
+            if differences:
+                positive, negative, p = sign_test(differences)
+                shares[mode] = {'seeds': len(differences), 'by_seed': differences,
+                                'mean': statistics.mean(differences), 't_95': t_interval(differences),
+                                'lns_higher_in': positive, 'pre_higher_in': negative, 'sign_test_p': p}
+    return {'tokens': LAYER_TOKENS, 'schemes': profiles, 'deep_half_share_lns_minus_pre': shares}
 
 
 def contrast(reports, first, second):
@@ -220,6 +298,17 @@ def findings(reports, contrasts):
                     lines.append(f"arm {arm}, {mode} - pre {words}: {g['mean']:+.4f} over {len(g['seeds'])} paired "
                                  f"seed(s), t 95% {interval(g['t_95'])}; pre lower in {g['pre_lower_in']}, "
                                  f"{mode} lower in {g['lns_lower_in']} (sign test p = {g['sign_test_p']:.3g})")
+        layers = report['layers']
+        for scheme, profile in layers['schemes'].items():
+            shares = list(profile['deep_half_share'].values())
+            lines.append(f"arm {arm}, {scheme} at {profile['learning_rate']:g}: the deepest half of the blocks carry "
+                         f"{statistics.mean(shares):.1%} of the layer-drop damage (mean of {len(shares)} seed(s); "
+                         f"the first {layers['tokens']:,} validation tokens)")
+        for mode, d in layers['deep_half_share_lns_minus_pre'].items():
+            lines.append(f"arm {arm}, deep-half share of the layer-drop damage, {mode} - pre: {d['mean']:+.3f} over "
+                         f"{d['seeds']} paired seed(s), t 95% {interval(d['t_95'])}; {mode} higher in "
+                         f"{d['lns_higher_in']}, pre higher in {d['pre_higher_in']} (sign test p = "
+                         f"{d['sign_test_p']:.3g})")
     for (first, second, words), c in zip(CONTRASTS, contrasts):
         if c and c['mean'] is not None:
             lines.append(f"{words}: the lns - pre gap changes by {c['mean']:+.4f} from arm {first} to arm "
@@ -248,7 +337,27 @@ def plot(args, reports):
     path = os.path.join(args.figures, 'regime_study.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    measured = {arm: report['layers']['schemes'] for arm, report in reports.items() if report['layers']['schemes']}
+    if not measured:
+        return [path]
+    fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4), squeeze=False, sharey=True)
+    for ax, (arm, profiles) in zip(axes[0], measured.items()):
+        for scheme, profile in profiles.items():
+            drop = profile['loss_drop']
+            blocks = range(1, len(drop['mean']) + 1)
+            ax.plot(blocks, drop['mean'], color=colors[scheme], marker='o',
+                    label=f"{scheme} at {profile['learning_rate']:g} ({len(profile['seeds'])} seeds)")
+            if all(drop['t_95']):
+                ax.fill_between(blocks, *zip(*drop['t_95']), color=colors[scheme], alpha=0.2)
+        ax.axhline(0, color='black', linewidth=0.8)
+        ax.set(yscale='symlog', xlabel='block removed', ylabel='validation loss increase (nats)',
+               title=f"arm {arm}: layer drop at each best rate (band: t 95%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    layers_figure = os.path.join(args.figures, 'regime_layers.png')
+    fig.savefig(layers_figure, dpi=110)
+    plt.close(fig)
+    return [path, layers_figure]
 
 
 def main(argv):
@@ -274,7 +383,7 @@ def main(argv):
         'findings': lines, 'arms': reports,
         'contrasts': {words: c for (_, _, words), c in zip(CONTRASTS, contrasts)}})
     print('\n'.join(lines))
-    print(f"wrote {plot(args, reports)}")
+    print(f"wrote {', '.join(plot(args, reports))}")
     if failures:
         sys.exit(f"error: {len(failures)} run(s) failed; the first: {failures[0]}")
 

@@ -116,11 +116,12 @@ def run_all(tasks, jobs):
         return [message for message in pool.map(attempt, tasks) if message]
 
 
-def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads, device='cpu'):
-    """eval_layers.py on the checkpoints in `folders`: layer drop, angular distance and variance per block."""
-    command = [sys.executable, EVAL_LAYERS_SCRIPT, *folders, '--data', data_dir, '--tokens', '16384',
+def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads, device='cpu', tokens=16384):
+    """eval_layers.py on the checkpoints in `folders`: layer drop, angular distance and variance per block, on the
+    first `tokens` of data_dir's validation split (figures into plot_dir, unless it is None)."""
+    command = [sys.executable, EVAL_LAYERS_SCRIPT, *folders, '--data', data_dir, '--tokens', str(tokens),
                '--block_size', '64', '--max_distance', str(depth), '--device', device, '--json', json_path,
-               '--plot', plot_dir]
+               *(['--plot', plot_dir] if plot_dir else [])]
     result = subprocess.run(command, env={**os.environ, 'OMP_NUM_THREADS': str(threads)},
                             capture_output=True, text=True)
     if result.returncode != 0:

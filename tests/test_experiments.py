@@ -605,9 +605,21 @@ loss += (0.001 if scheme == 'pre' else 0.002) * int(args['seed']) - (0.015 * (sc
 train_loss = loss - (0.1 if scheme == 'pre' else 0.05)
 with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
     log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': train_loss, 'val_loss': loss}) + '\\n')
+open(os.path.join(args['out_dir'], 'ckpt.pt'), 'w').close()
 with open(os.path.join(os.path.dirname(args['out_dir']), 'order.txt'), 'a') as order:
     order.write(os.path.basename(args['out_dir']) + '\\n')
 '''
+
+
+def stand_in_layers(folders, data_dir, depth, json_path, plot_dir, threads, device, tokens):
+    """eval_layers' JSON for one run, as a stand-in: 4 blocks whose layer-drop damage is 1, 1, 1, 1 under Pre-LN
+    (half in the deeper two) and 1, 1, 2 + seed, 2 under LNS."""
+    run = os.path.basename(folders[0])
+    seed, deep = int(run.rsplit('_s', 1)[1]), '_pre_' not in run
+    drops = [1.0, 1.0, 2.0 + seed, 2.0] if deep else [1.0] * 4
+    layers = [{'loss_drop': d, 'angular_distance_next': 0.1 * d, 'variance': float(i)} for i, d in enumerate(drops)]
+    with open(json_path, 'w') as f:
+        json.dump({'models': [{'layers': layers}], 'tokens': tokens}, f)
 
 
 def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t_intervals(tmp_path, monkeypatch):
@@ -618,6 +630,7 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
     trainer = tmp_path / 'train.py'
     trainer.write_text(REGIME_STAND_IN)
     monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    monkeypatch.setattr(regime_study, 'analyze_layers', stand_in_layers)
     for name, train_chars in (('mixed_char', 4_000_000), ('mixed_char_1m', 1_000_000)):
         (tmp_path / 'data' / name).mkdir(parents=True)
         (tmp_path / 'data' / name / 'val.bin').write_bytes(b'')
@@ -651,4 +664,13 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
     assert repetition['by_seed'] == pytest.approx([-0.015] * 5) and repetition['t_95'] == pytest.approx([-0.015] * 2)
     assert any(line.startswith('arm A, lns - pre at the best rates: +0.0220 over 5 paired seed(s)')
                for line in study['findings'])
-    assert (tmp_path / 'figures' / 'regime_study.png').exists()
+    # every run's layers measured as it finished; the deep-half shares at the best rates paired by seed
+    layers = arms['A']['layers']
+    assert sorted(name[:-len('.json')] for name in os.listdir(tmp_path / 'results' / 'regime_layers')) == sorted(
+        name for name in runs if name != 'order.txt')
+    assert layers['schemes']['pre']['deep_half_share'] == {str(seed): 0.5 for seed in range(5)}
+    lns_share = [(4.0 + seed) / (6.0 + seed) for seed in range(5)]
+    share = layers['deep_half_share_lns_minus_pre']['lns']
+    assert share['by_seed'] == pytest.approx([s - 0.5 for s in lns_share]) and share['lns_higher_in'] == 5
+    assert layers['schemes']['lns']['loss_drop']['mean'] == pytest.approx([1.0, 1.0, 4.0, 2.0])
+    assert all((tmp_path / 'figures' / name).exists() for name in ('regime_study.png', 'regime_layers.png'))
