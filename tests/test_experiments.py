@@ -674,3 +674,26 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
     assert share['by_seed'] == pytest.approx([s - 0.5 for s in lns_share]) and share['lns_higher_in'] == 5
     assert layers['schemes']['lns']['loss_drop']['mean'] == pytest.approx([1.0, 1.0, 4.0, 2.0])
     assert all((tmp_path / 'figures' / name).exists() for name in ('regime_study.png', 'regime_layers.png'))
+
+
+def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pass_printed_them():
+    """experiments/README.md's regime-study paragraph on arm A: each number in the order the committed
+    regime_study.json's findings give it (keyed to the numbers, not the wording)."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'regime_study.json')) as f:
+        study = json.load(f)
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = f.read()
+    section = ' '.join(write_up[write_up.index('## The regime study'):write_up.index('## Speed')].split())
+    paragraph = section[section.index('Arm A is complete'):section.index('Status:')]
+    arm = study['arms']['A']
+    assert [arm['schemes'][s]['seeds_at_best'] for s in ('pre', 'lns')] == [5, 5]
+    found = {f.split(':', 1)[0]: re.findall(r'[-+]?\d+\.\d+', f.split(':', 1)[1]) for f in study['findings']
+             if f.startswith('arm A')}
+    gap, held_out = found['arm A, lns - pre at the best rates'], found['arm A, lns - pre held out (seeds 1-4)']
+    shares = found['arm A, deep-half share of the layer-drop damage, lns - pre']
+    pre_share = found['arm A, pre at 0.002'][-1]
+    lns_share = found['arm A, lns at 0.002'][-1]
+    in_order(paragraph, gap[:3] + [gap[-1]] + held_out[:3])
+    in_order(paragraph, [f"{arm['passes']:.2f}", f"{arm['schemes']['pre']['val_minus_train']:+.4f}",
+                         f"{arm['schemes']['lns']['val_minus_train']:+.4f}", pre_share, lns_share, shares[0],
+                         shares[1], shares[2], shares[-1]])
