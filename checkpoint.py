@@ -137,7 +137,7 @@ def append_log(path, record):
 
 
 def rng_state(train_generator):
-    # 'sampler': the training generator's state, under the key every checkpoint so far has used
+    # 'sampler': the training generator's state (it draws where each batch's sequences start)
     state = {'sampler': train_generator.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state()

@@ -31,7 +31,6 @@ NORM_SCHEMES = ('pre', 'lns', 'post', 'deepnorm', 'mix', 'peri')
 INIT_SCHEMES = ('normal', 'scaled', 'depth')
 LNS_POSITIONS = ('both_norms', 'attn_norm', 'mlp_norm', 'sublayer')
 LNS_MODES = ('fixed', 'gain_init')
-EARLIER_LNS_POSITIONS = {'norm': 'both_norms', 'attn': 'attn_norm', 'mlp': 'mlp_norm'}  # in older checkpoints
 
 
 @dataclass
@@ -133,14 +132,13 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values):
-        """The config a checkpoint saved; lns_position in the names earlier versions wrote is read as today's."""
+        """The config a checkpoint saved."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model setting(s) {', '.join(unknown)}; "
                              f"known ones are {', '.join(sorted(known))}")
-        position = values.get('lns_position')
-        return cls(**{**values, 'lns_position': EARLIER_LNS_POSITIONS.get(position, position)} if position else values)
+        return cls(**values)
 
 
 def block_layout(config, index):

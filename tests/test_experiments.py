@@ -574,7 +574,7 @@ def test_readme_quotes_the_tuned_study_as_its_no_train_pass_wrote_it():
     in_order(text, [n for gap, low, high in gain_init for n in (gap, low, high)])
     in_order(text, [pooled[0][0], pooled[0][2], pooled[1][0], pooled[1][2]])
     in_order(text, [n for gap, low, high in lowest for n in (gap, low, high)])
-    opening = readme[readme.index('What this code shows'):readme.index('## Files')]
+    opening = readme[readme.index('## What the studies show'):readme.index('## The model')]
     in_order(opening, gaps_then_intervals + [pooled[0][0], pooled[0][2]])
     reruns = [s['rerun'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]
     spreads = [s['best_loss_std'] for d in study['depths'] for s in d['schemes'].values() if s['rerun']]

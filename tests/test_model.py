@@ -282,8 +282,8 @@ def test_invalid_config_raises_value_error_naming_valid_choices(overrides, words
     assert all(word in str(error.value) for word in words)
 
 
-def test_checkpoints_of_earlier_versions_read_lns_position_in_todays_names():
+def test_a_saved_config_with_an_unknown_lns_position_is_refused_naming_the_known_ones():
     saved = GPTConfig(norm_scheme='lns', lns_position='attn_norm', n_layer=2, n_head=2, n_embd=16).to_dict()
-    renamed = [('norm', 'both_norms'), ('attn', 'attn_norm'), ('mlp', 'mlp_norm'), ('sublayer', 'sublayer')]
-    for earlier, today in renamed:
-        assert GPTConfig.from_dict({**saved, 'lns_position': earlier}).lns_position == today
+    assert GPTConfig.from_dict(saved).lns_position == 'attn_norm'
+    with pytest.raises(ValueError, match="lns_position must be one of both_norms, attn_norm, mlp_norm, sublayer"):
+        GPTConfig.from_dict({**saved, 'lns_position': 'norm'})

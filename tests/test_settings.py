@@ -32,4 +32,5 @@ def test_out_of_range_settings_are_refused_with_their_range(argument, words):
 @pytest.mark.parametrize('argument', ['--warmup_iters=0', '--weight_decay=0', '--grad_clip=0', '--beta1=0',
                                       '--dropout=0', '--min_lr=0', '--eval_tokens=0', '--min_lr=2e-3'])
 def test_the_edges_of_each_range_are_accepted(argument):
-    train.parse_config([argument])
+    key, value = argument[2:].split('=')
+    assert train.parse_config([argument]).settings()[key] == float(value)
