@@ -45,7 +45,7 @@ import time
 import recipe_study
 import tuned_study
 from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, outcome, pyplot, read_log, run_all,
-                           run_device, sign_test, t_interval, threads_per_job, train, write_json)
+                           run_device, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
@@ -142,16 +142,8 @@ def study(args, threads):
     the runs at each best; returns the failed runs."""
     failures = []
     for arm in args.arms:
-        failed = []
-        while True:
-            jobs = plan(args, arm)
-            if not jobs:
-                break
-            print(f"== arm {arm}: {len(jobs)} run(s)", flush=True)
-            failed = run_all([lambda job=job: run_one(args, threads, *job) for job in jobs], args.jobs)
-            failures += failed
-            if failed:  # the plan would ask for the same runs again
-                break
+        failed = run_plan(lambda: plan(args, arm), lambda *job: run_one(args, threads, *job), args.jobs, f'arm {arm}')
+        failures += failed
         if not failed:  # every run of the arm has finished
             failures += run_all([lambda run=run: analyze_run(args, threads, run) for run in best_runs(args, arm)
                                  if not os.path.exists(layers_path(args, run))], args.jobs)

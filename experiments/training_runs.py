@@ -116,6 +116,19 @@ def run_all(tasks, jobs):
         return [message for message in pool.map(attempt, tasks) if message]
 
 
+def run_plan(plan, run, jobs, label):
+    """Runs the jobs plan() returns, each as run(*job), `jobs` at a time, planning again after each batch until it
+    plans none; returns the failed runs' messages (a failure ends it: the plan would ask for the same runs)."""
+    while True:
+        planned = plan()
+        if not planned:
+            return []
+        print(f"== {label}: {len(planned)} run(s)", flush=True)
+        failed = run_all([lambda job=job: run(*job) for job in planned], jobs)
+        if failed:
+            return failed
+
+
 def analyze_layers(folders, data_dir, depth, json_path, plot_dir, threads, device='cpu', tokens=16384):
     """eval_layers.py on the checkpoints in `folders`: layer drop, angular distance and variance per block, on the
     first `tokens` of data_dir's validation split (figures into plot_dir, unless it is None)."""

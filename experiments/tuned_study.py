@@ -35,7 +35,7 @@ import sys
 import time
 
 import recipe_study
-from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, require_prepared_data, run_all,
+from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, require_prepared_data, run_plan,
                            run_device, sign_test, t_interval, threads_per_job, train, write_json)
 
 # scheme name in this study -> train.py settings
@@ -186,15 +186,8 @@ def study(args, threads):
     is left to run; returns the failed runs."""
     failures = []
     for depth in args.depths:
-        while True:
-            jobs = plan(args, depth)
-            if not jobs:
-                break
-            print(f"== {depth} blocks: {len(jobs)} run(s)", flush=True)
-            failed = run_all([lambda job=job: run_one(args, threads, *job) for job in jobs], args.jobs)
-            failures += failed
-            if failed:  # the plan would ask for the same runs again
-                break
+        failures += run_plan(lambda: plan(args, depth), lambda *job: run_one(args, threads, *job), args.jobs,
+                             f'{depth} blocks')
     return failures
 
 

@@ -257,11 +257,13 @@ def test_resume_that_names_another_model_is_refused_finished_or_not(finished_run
         assert files(folder) == before
 
 
-def test_resume_with_overwrite_is_refused(finished_run, capsys):
+@pytest.mark.parametrize('extra, words', [('--overwrite=True', 'give one of them'),
+                                          ('--seed=1', 'resume without --seed')])
+def test_resume_with_overwrite_or_another_seed_is_refused(finished_run, capsys, extra, words):
     folder, argv = finished_run
     before = files(folder)
-    code, out = run(argv + ['--init_from=resume', '--overwrite=True', '--max_iters=6'], capsys)
-    assert code == 1 and one_sentence(out) and 'give one of them' in out.err
+    code, out = run(argv + ['--init_from=resume', extra, '--max_iters=6'], capsys)
+    assert code == 1 and one_sentence(out) and words in out.err
     assert files(folder) == before
 
 
@@ -392,14 +394,6 @@ def test_ckpt_pt_shares_its_file_with_no_numbered_checkpoint_so_copying_one_over
     shutil.copyfile(folder / 'ckpt-0000002.pt', folder / 'ckpt.pt')  # a rollback, as the damage message advises
     assert {name: (folder / name).read_bytes() for name in earlier} == earlier
     assert read_checkpoint(str(folder / 'ckpt.pt'))['iter_num'] == 2
-
-
-def test_resume_with_another_seed_is_refused(finished_run, capsys):
-    folder, argv = finished_run
-    before = files(folder)
-    code, out = run(argv + ['--init_from=resume', '--max_iters=6', '--seed=1'], capsys)
-    assert code == 1 and one_sentence(out) and 'resume without --seed' in out.err
-    assert files(folder) == before
 
 
 def test_resume_on_a_data_folder_prepared_again_names_the_data_not_the_model(finished_run, tmp_path, capsys,
