@@ -697,3 +697,9 @@ def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pa
     in_order(paragraph, [f"{arm['passes']:.2f}", f"{arm['schemes']['pre']['val_minus_train']:+.4f}",
                          f"{arm['schemes']['lns']['val_minus_train']:+.4f}", pre_share, lns_share, shares[0],
                          shares[1], shares[2], shares[-1]])
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = ' '.join(f.read().split())
+    findings = readme[readme.index('## What the studies show'):readme.index('## The model')]
+    in_order(findings, gap[:3] + [lns_share, pre_share])
+    assert f"pre higher in {arm['layers']['deep_half_share_lns_minus_pre']['lns']['seeds']}" in ' '.join(
+        study['findings']) and 'LNS lower in all 5' in findings
