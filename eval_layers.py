@@ -122,9 +122,11 @@ def recorded_data_folder(loaded):
         fingerprint = data_fingerprint(folder)
         for m in recorded:
             if m.data_fingerprint != fingerprint:
+                readable = m.chars is None or read_meta(folder).get('chars') == m.chars  # its tokens mean the same
                 raise UserError(f"{folder} was prepared again since {m.name} trained on it (its data fingerprint "
-                                f"differs), so the run trained on other data; pass --data {folder} to measure on "
-                                f"it anyway, or --text FILE")
+                                f"differs), so the run trained on other data; " + (
+                                    f"pass --data {folder} to measure on it anyway, or --text FILE" if readable else
+                                    f"its characters are not the run's either: pass --text FILE to measure it"))
     return folder
 
 

@@ -89,6 +89,16 @@ def test_the_recorded_data_prepared_again_from_other_text_is_refused_naming_the_
     assert evaluate([str(run), '--data', str(data)]) == 0  # the way the sentence gives
 
 
+def test_recorded_data_prepared_again_with_other_characters_offers_only_text(run, data, tmp_path, capsys):
+    """--data would be refused next (its ids are other characters), so the sentence offers --text alone."""
+    (tmp_path / 'other.txt').write_text(play_text(seed=1).upper() + '~')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'),
+                    '--input', str(tmp_path / 'other.txt'), '--out_dir', str(data)], check=True, capture_output=True)
+    assert evaluate([str(run)]) == 1
+    error = one_error(capsys.readouterr().err)
+    assert 'its characters are not the run' in error and '--text FILE' in error and '--data' not in error, error
+
+
 def test_recorded_data_without_train_bin_is_measured_with_a_note_that_it_cannot_be_checked(run, data, capsys):
     os.remove(data / 'train.bin')  # the fingerprint covers both splits
     assert evaluate([str(run)]) == 0
