@@ -45,7 +45,7 @@ import time
 import recipe_study
 import tuned_study
 from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, outcome, pyplot, read_log, run_all,
-                           run_device, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
+                           run_devices, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
@@ -366,8 +366,7 @@ def main(argv):
         sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
     contrasts = [contrast(reports, first, second) for first, second, _ in CONTRASTS]
     lines = findings(reports, contrasts)
-    devices = sorted({str(run_device(os.path.join(args.runs, name))) for name in os.listdir(args.runs)
-                      if read_log(os.path.join(args.runs, name))})
+    devices = run_devices(args.runs)
     write_json(os.path.join(args.results, 'regime_study.json'), {
         'settings': {'depth': DEPTH, 'steps': args.steps, 'batch': [SEQUENCES, BLOCK], 'beta2': tuned_study.BETA2,
                      'eval_sequences': EVAL_SEQUENCES, 'arms': ARMS, 'schemes': tuned_study.SCHEMES,

@@ -66,6 +66,12 @@ def run_device(folder):
     return None
 
 
+def run_devices(runs):
+    """The devices the logged runs in the folder `runs` trained on, sorted ('None': a run without train.out)."""
+    return sorted({str(run_device(os.path.join(runs, name))) for name in os.listdir(runs)
+                   if read_log(os.path.join(runs, name))})
+
+
 def val_curve(folder):
     return [(r['iter'], r['val_loss']) for r in read_log(folder) if 'val_loss' in r]
 

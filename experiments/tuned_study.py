@@ -35,8 +35,8 @@ import sys
 import time
 
 import recipe_study
-from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, read_log, require_prepared_data, run_plan,
-                           run_device, sign_test, t_interval, threads_per_job, train, write_json)
+from training_runs import (HERE, ROOT, final_val_loss, outcome, pyplot, require_prepared_data, run_plan,
+                           run_devices, sign_test, t_interval, threads_per_job, train, write_json)
 
 # scheme name in this study -> train.py settings
 SCHEMES = {'pre': ['--norm_scheme=pre'], 'lns': ['--norm_scheme=lns'],
@@ -342,8 +342,7 @@ def main(argv):
         sys.exit(f"error: no finished runs in {args.runs}; nothing written (train first: drop --no_train)")
     beta2 = {depth: beta2_effect(args, depth) for depth in args.depths}
     lines = findings(reports, beta2)
-    devices = sorted({str(run_device(os.path.join(args.runs, name))) for name in os.listdir(args.runs)
-                      if read_log(os.path.join(args.runs, name))})
+    devices = run_devices(args.runs)
     write_json(os.path.join(args.results, f'tuned_study{args.suffix}.json'), {
         'settings': {'steps': args.steps, 'width': args.width, 'beta2': BETA2, 'schemes': SCHEMES,
                      'tolerance_nats': TOLERANCE, 'failed_nats': FAILED, 'devices': devices},
