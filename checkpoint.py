@@ -1,7 +1,6 @@
 """
 A run's folder: its checkpoints (written in the background, atomically, with every process's random state), its
-log.jsonl, and reading them back to resume; and the one loader of a model with its tokenizer, from a run folder, a
-checkpoint file, a Hugging Face folder or a hub id, for eval_layers.py and sample.py.
+log.jsonl, and reading them back to resume.
 """
 
 import contextlib
@@ -15,14 +14,11 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from configurator import UserError
-from dataloader import resolve_data_dir
-from model import GPT, read_checkpoint
+from model import read_checkpoint
 
 
 # ----------------------------------------------------------------------------- a run folder
@@ -266,197 +262,3 @@ def write_atomically(path, write, before_replace=None):
     if before_replace is not None:
         before_replace()
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- a model and its tokenizer
-
-@dataclass
-class LoadedModel:
-    name: str
-    model: GPT
-    tokenizer: str                      # 'char', 'gpt2', a Hugging Face model's folder name, or 'unknown'
-    encode: Optional[Callable] = None   # text -> token ids, when a tokenizer is available offline
-    decode: Optional[Callable] = None   # token ids -> text
-    description: str = ''
-    chars: Optional[str] = None         # a character-level tokenizer's characters, in id order
-    trained_on: Optional[str] = None    # the data folder the checkpoint was trained on, when it records one
-    training_log: Optional[str] = None  # the run's log.jsonl beside the checkpoint, when there is one
-    data_fingerprint: Optional[str] = None  # dataloader.data_fingerprint of trained_on when it trained, if recorded
-
-
-class TokenizerUnavailable(UserError):
-    """A tokenizer whose tables are not on this machine: each script adds its own way around, if it has one."""
-
-
-def gpt2_encoding():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as error:
-        raise TokenizerUnavailable(f"tiktoken's gpt2 encoding is not available offline ({type(error).__name__}); "
-                                   f"set TIKTOKEN_CACHE_DIR to a folder holding its cached files") from None
-
-
-def gpt2_encode():
-    return gpt2_encoding().encode_ordinary
-
-
-def gpt2_decode(ids):
-    encoding = gpt2_encoding()
-    # a vocabulary padded for speed (50304) has ids that no text maps to; a barely trained model may sample them
-    return encoding.decode([i for i in ids if i < encoding.n_vocab])
-
-
-def char_encode(chars, name):
-    index = {c: i for i, c in enumerate(chars)}
-
-    def encode(text):
-        unknown = sorted(set(text) - set(index))
-        if unknown:
-            shown = repr(''.join(unknown[:10])) + (' and others' if len(unknown) > 10 else '')
-            raise UserError(f"the text has {len(unknown)} distinct character{'s' if len(unknown) > 1 else ''} "
-                            f"{shown} that {name} never saw in training")
-        return [index[c] for c in text]
-    return encode
-
-
-def char_decode(chars):
-    return lambda ids: ''.join(chars[i] if i < len(chars) else '\ufffd' for i in ids)
-
-
-def load_our_checkpoint(path, name, device):
-    try:
-        checkpoint = read_checkpoint(path)
-        model = GPT.from_checkpoint(checkpoint).to(device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    meta = checkpoint.get('data_meta') or {}
-    tokenizer, chars = meta.get('tokenizer', 'unknown'), meta.get('chars')
-    encode = decode = None
-    if tokenizer == 'char':
-        if not isinstance(chars, str):
-            raise UserError(f"{path} records a character tokenizer without its characters; it was not written by "
-                            f"train.py, or its data folder's meta.json lacked them")
-        encode, decode = char_encode(chars, name), char_decode(chars)
-    elif tokenizer == 'gpt2':  # tiktoken's tables are loaded only when text is encoded or decoded
-        encode, decode = (lambda text: gpt2_encode()(text)), gpt2_decode
-    train_config = checkpoint.get('train_config') or {}
-    trained_on = (resolve_data_dir(train_config.get('data_dir'), train_config['dataset'])
-                  if train_config.get('dataset') else train_config.get('data_dir') or None)
-    config = model.config
-    description = (f"{config.arch} {config.norm_scheme}, {config.n_layer} blocks, {model.num_params():,} parameters, "
-                   f"iteration {checkpoint.get('iter_num', '?')}")
-    log = os.path.join(os.path.dirname(os.path.abspath(path)), 'log.jsonl')
-    return LoadedModel(name, model, tokenizer, encode, decode, description, chars if tokenizer == 'char' else None,
-                       trained_on, log if os.path.isfile(log) else None, checkpoint.get('data_fingerprint'))
-
-
-def load_hf_folder(folder, name, device):
-    from hf import from_hf
-    try:
-        model = from_hf(folder, device=device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    with open(os.path.join(folder, 'config.json')) as f:
-        model_type = json.load(f).get('model_type')
-    tokenizer, encode, decode = os.path.basename(os.path.normpath(folder)), None, None
-    chars = exported_chars(folder) if os.path.exists(os.path.join(folder, 'tokenizer.json')) else None
-    if chars is not None:
-        # hf.py's export of a character-level run, read with the run's own table: the tokenizers library would drop
-        # a character it never saw (in folders exported before hf.py made it refuse them), this table refuses it
-        tokenizer, encode, decode = 'char', char_encode(chars, name), char_decode(chars)
-    elif os.path.exists(os.path.join(folder, 'tokenizer.json')):
-        # the folder's own tokenizer; GPT-2's (50257 tokens) reads the same ids as data prepared with tiktoken
-        encode, decode, vocab_size = hf_tokenizer(folder)
-        if model_type == 'gpt2' and vocab_size == 50257:
-            tokenizer = 'gpt2'
-    elif model_type == 'gpt2':
-        tokenizer, encode, decode = 'gpt2', (lambda text: gpt2_encode()(text)), gpt2_decode
-    description = f"Hugging Face {model_type}, {model.config.n_layer} blocks, {model.num_params():,} parameters"
-    return LoadedModel(name, model, tokenizer, encode, decode, description, chars)
-
-
-def exported_chars(folder):
-    """The characters, in id order, of a folder's tokenizer.json when it is a character table as hf.py writes one (a
-    BPE whose vocabulary is single characters numbered 0..n-1, with no merges, normalizer or pre-tokenizer); else
-    None."""
-    path = os.path.join(folder, 'tokenizer.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            spec = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"cannot read {path} as JSON ({error}); export the model again") from None
-    model = spec.get('model') if isinstance(spec, dict) else None
-    vocab = model.get('vocab') if isinstance(model, dict) else None
-    if (not isinstance(vocab, dict) or model.get('type') != 'BPE' or model.get('merges') or spec.get('normalizer')
-            or spec.get('pre_tokenizer') or spec.get('added_tokens') or not all(len(c) == 1 for c in vocab)
-            or sorted(vocab.values()) != list(range(len(vocab)))):
-        return None
-    return ''.join(sorted(vocab, key=vocab.get))
-
-
-def hf_tokenizer(folder):
-    """encode, decode and vocabulary size of a folder's tokenizer.json."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise UserError(f"{folder} has a tokenizer.json but the tokenizers package is not installed; "
-                        f"pip install tokenizers to read it") from None
-    tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-    return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode,
-            tokenizer.get_vocab_size())
-
-
-def load_model(spec, device, name=None):
-    """Our run folder or checkpoint file, a Hugging Face folder, or a hub id; name defaults to run_names'."""
-    name = name or run_names([spec])[0]
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, 'ckpt.pt')):
-        return load_our_checkpoint(os.path.join(spec, 'ckpt.pt'), name, device)
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, 'config.json')):
-        return load_hf_folder(spec, name, device)
-    if os.path.isfile(spec):
-        return load_our_checkpoint(spec, name, device)
-    if os.path.isdir(spec):
-        raise UserError(f"{spec} has neither ckpt.pt (a run of train.py) nor config.json (a Hugging Face model)")
-    if spec.count('/') == 1 and not looks_local(spec):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise UserError(f"{spec} is not a local path; to download it as a hub id, pip install "
-                            f"huggingface_hub") from None
-        try:
-            folder = snapshot_download(spec, allow_patterns=['*.json', '*.safetensors'])
-        except Exception as error:
-            raise UserError(f"could not download {spec} from the hub ({type(error).__name__}); "
-                            f"download it yourself and pass the folder") from None
-        return load_hf_folder(folder, name, device)
-    raise UserError(f"{spec} does not exist (no such folder or file); give a run folder, a ckpt.pt, a Hugging Face "
-                    f"folder or a hub id (owner/name)")
-
-
-def looks_local(spec):
-    """Whether an 'owner/name' that does not exist here was meant as a local path, not a hub id: it starts with '.',
-    '/' or '~', ends in .pt, or its first folder exists here (out/lns2, when out/ exists, is a missing run, not a
-    model of a hub user named 'out')."""
-    return spec.startswith(('.', '/', '~')) or spec.endswith('.pt') or os.path.exists(spec.split('/')[0])
-
-
-def run_names(specs):
-    """Short names for tables and legends: a run's folder name (for a checkpoint file other than ckpt.pt, the folder
-    and the file's stem), with parent folders added to names that coincide; a hub id stays whole."""
-    paths, depths = [], []
-    for spec in specs:
-        parts = os.path.normpath(os.path.abspath(spec)).split(os.sep) if os.path.exists(spec) else [spec]
-        if os.path.isfile(spec) and parts[-1] != 'ckpt.pt':
-            parts, depth = parts[:-1] + [os.path.splitext(parts[-1])[0]], 2
-        else:
-            parts, depth = (parts[:-1] if os.path.isfile(spec) else parts), 1
-        paths.append(parts)
-        depths.append(depth)
-    while True:
-        names = ['/'.join(parts[-depth:]) for parts, depth in zip(paths, depths)]
-        clashing = [i for i, name in enumerate(names) if names.count(name) > 1 and depths[i] < len(paths[i])]
-        if not clashing:
-            return names
-        for i in clashing:
-            depths[i] += 1

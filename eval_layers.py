@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import TokenizerUnavailable, load_model, read_log, run_names
+from checkpoint import read_log
+from hf import TokenizerUnavailable, load_model, run_names
 from configurator import EVAL_DTYPES, UserError, autocast, resolve_device, run_main
 from dataloader import data_fingerprint, open_tokens, read_meta
 from tasks import TASKS, evaluate_task, read_task, task_requests

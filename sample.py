@@ -17,7 +17,7 @@ from typing import Optional, get_type_hints
 
 import torch
 
-from checkpoint import TokenizerUnavailable, load_model
+from hf import TokenizerUnavailable, load_model
 from configurator import EVAL_DTYPES, UserError, autocast, read_settings, resolve_device, run_main
 
 

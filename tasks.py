@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import TokenizerUnavailable
+from hf import TokenizerUnavailable
 from configurator import UserError
 
 

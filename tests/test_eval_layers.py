@@ -1,5 +1,5 @@
 """eval_layers.py: layer drop, angular distance and depth statistics against independent computations; which data
-it reads, and the names and tokenizers checkpoint.py's loader picks. The downstream tasks are in test_tasks.py."""
+it reads, and the names and tokenizers hf.py's loader picks. The downstream tasks are in test_tasks.py."""
 
 import copy
 import json
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import eval_layers
 import train
-from checkpoint import LoadedModel, gpt2_encode
+from hf import LoadedModel, gpt2_encode
 from model import GPT, GPTConfig, read_checkpoint
 
 TINY = ['--n_layer=4', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_sequences=16',

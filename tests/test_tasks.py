@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-import checkpoint
+import hf
 import eval_layers
 import tasks
 from model import GPT, GPTConfig
@@ -75,7 +75,7 @@ def model():
 
 
 def loaded(model):
-    return checkpoint.LoadedModel('tiny', model, 'char', checkpoint.char_encode(CHARS, 'tiny'))
+    return hf.LoadedModel('tiny', model, 'char', hf.char_encode(CHARS, 'tiny'))
 
 
 def save_checkpoint(model, folder):
@@ -152,7 +152,7 @@ def test_scores_equal_log_likelihoods_computed_token_by_token(tmp_path, model, s
     requests = task_requests(examples, loaded(model), 'hellaswag', model.config.block_size)
     # batches of 3 mix lengths, so padding is exercised
     scores = choice_loglikelihoods(model, requests, 3, torch.device('cpu'), nullcontext(), skip_layers)
-    encode = checkpoint.char_encode(CHARS, 'tiny')
+    encode = hf.char_encode(CHARS, 'tiny')
     expected = [log_likelihood_token_by_token(model, encode(e.context), encode(c), skip_layers)
                 for e in examples for c in e.continuations]
     assert scores == pytest.approx(expected, abs=1e-4)
@@ -162,7 +162,7 @@ def test_long_examples_keep_the_last_block_size_tokens(model):
     context, continuation = 'x' * 300, ' the end'
     (ids, count), = task_requests([Example(context, [continuation], 0)], loaded(model), 'hellaswag', 128)
     assert len(ids) == 129 and count == len(continuation)
-    assert ids == checkpoint.char_encode(CHARS, 'tiny')(context + continuation)[-129:]
+    assert ids == hf.char_encode(CHARS, 'tiny')(context + continuation)[-129:]
 
 
 def test_acc_takes_the_largest_sum_and_acc_norm_the_largest_sum_per_byte():
