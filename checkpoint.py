@@ -63,6 +63,17 @@ def run_lock(out_dir):
                 os.rmdir(out_dir)
 
 
+def out_dir_problem(out_dir, init_from, overwrite):
+    """Why out_dir cannot take a run, in one sentence, or None."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"out_dir {out_dir} exists and is not a folder; choose another out_dir"
+    found = existing_run(out_dir)
+    if init_from == 'scratch' and found and not overwrite:
+        return (f"{out_dir} already holds a run ({found}); resume it with --init_from=resume, or start over with "
+                f"--overwrite=True, which deletes it (or choose another --out_dir)")
+    return None
+
+
 def delete_run(out_dir):
     for pattern in RUN_FILES:
         for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
@@ -84,6 +95,34 @@ def load_resume_checkpoint(out_dir):
         raise UserError(f"{error}; nothing was loaded or changed, and " + (
             f"earlier checkpoints remain ({', '.join(map(os.path.basename, earlier))}): copy one over ckpt.pt to "
             f"resume from it" if earlier else "no earlier checkpoint remains (keep_last_n keeps some)")) from None
+
+
+def check_same_data(checkpoint, meta, fingerprint, data_dir, out_dir):
+    """Refuses to resume the checkpoint's run on other data than it trained on."""
+    saved_meta = checkpoint.get('data_meta')
+    if saved_meta is not None and saved_meta != meta:
+        keys = sorted(k for k in set(saved_meta) | set(meta) if saved_meta.get(k) != meta.get(k))
+        raise UserError(f"{data_dir} holds other data than the run in {out_dir} trained on (its meta.json differs "
+                        f"in {', '.join(keys)}); point data_dir at the data it trained on (or prepare that again), "
+                        f"or start a new run")
+    if checkpoint.get('data_fingerprint', fingerprint) != fingerprint:
+        raise UserError(f"train.bin or val.bin in {data_dir} differ from the data the run in {out_dir} trained on "
+                        f"(meta.json is the same); point data_dir at the run's data, or start a new run")
+
+
+def restore_state(checkpoint, model, optimizer, scaler, train_generator, seed, dist, out_dir):
+    """Weights, optimizer, scaler and random states from a checkpoint loaded on the CPU; the log cut back to its
+    iteration (the records after it are of steps taken again now)."""
+    model.load_state_dict(checkpoint['model'])  # copies onto the model's device
+    optimizer.load_state_dict(checkpoint['optimizer'])  # moves the state to its parameters' device
+    scaler.load_state_dict(checkpoint['scaler'])
+    ranks = checkpoint['rng']
+    restore_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0], train_generator)
+    if len(ranks) != dist.world_size:  # another process count: the data order is kept, dropout draws fresh
+        torch.manual_seed(seed + dist.rank + checkpoint['iter_num'])
+    if dist.master:
+        truncate_log(os.path.join(out_dir, 'log.jsonl'), checkpoint['iter_num'])
+        print(f"resuming from {os.path.join(out_dir, 'ckpt.pt')} at iteration {checkpoint['iter_num']}")
 
 
 def read_log(path, note_file=None):

@@ -6,8 +6,11 @@ fix and the one main wrapper, for every script; the processes, devices and preci
 import ast
 import datetime
 import difflib
+import importlib.util
+import inspect
 import os
 import sys
+import textwrap
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -112,6 +115,77 @@ def check_value(key, value, source, setting_types):
     raise UserError(f"{key} expects {expected}, but {source} gives {value!r}")
 
 
+def resumed_settings(saved, now, explicit, given, own, launch, out_dir):
+    """The settings a resumed run goes on with: its own (`saved`), but the `launch` ones as given `now` and those the
+    command line names (`explicit`), which may not change what makes the run itself (`own`: its model and seed);
+    and the settings the command line changed, with their saved values, and a line on those that config files gave
+    (`given`) and the run keeps."""
+    refused = [k for k in own if k in explicit and now[k] is not None and now[k] != own[k]]
+    if refused:
+        raise UserError(f"{out_dir} holds a run with " + ', '.join(f"{k}={own[k]!r} (asked: {now[k]!r})"
+                        for k in refused) + f"; a run keeps its model and seed: resume without --{' --'.join(refused)}"
+                        f", or start a new run in another out_dir")
+    settings = {k: v for k, v in saved.items() if k in now and k not in launch}
+    changed = {k: settings[k] for k in explicit if k in settings and now[k] != settings[k]}
+    kept = [k for k in given - explicit if k in settings and now[k] != settings[k]]
+    lines = [f"note: config files do not change a resumed run; it keeps its own "
+             f"{', '.join(f'{k}={settings[k]!r}' for k in kept)} over the files' "
+             f"{', '.join(f'{k}={now[k]!r}' for k in kept)} (a --key=value changes one)"] if kept else []
+    return {**settings, **{k: now[k] for k in (*explicit, *launch)}}, changed, lines
+
+
+def settings_usage(doc, config_class, model_settings):
+    """--help of a script that reads settings: its docstring, the settings class's own source (every setting with its
+    default and comment), and the model's settings with their defaults."""
+    source = inspect.getsource(config_class).split('    def ')[0]
+    model = ', '.join(f"{key}={value!r}" for key, value in model_settings.items())
+    return (f"{doc.strip()}\n\nThe trainer's settings, with their defaults:\n{source.rstrip()}\n\nThe model's "
+            f"settings (model.GPTConfig's fields, documented there), with their defaults:\n"
+            + textwrap.fill(model, width=116, initial_indent='    ', subsequent_indent='    '))
+
+
+def check_train_settings(cfg, values):
+    """Refuses train.py's settings (cfg, a TrainConfig, made of the given `values`) that are out of range or do not go
+    together, naming the first wrong one; the model's are GPTConfig's to check."""
+    if values.get('global_batch_size') is not None and 'gradient_accumulation_steps' in values:
+        raise UserError(f"global_batch_size ({values['global_batch_size']}) fixes the sequences per step and the "
+                        f"trainer derives the micro-steps from it; drop gradient_accumulation_steps (lower batch_size "
+                        f"to use less memory), or set --global_batch_size=None to count micro-steps yourself")
+    if cfg.init_from not in ('scratch', 'resume'):
+        raise UserError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    if cfg.init_from == 'resume' and cfg.overwrite:
+        raise UserError("overwrite=True starts a run over and init_from=resume goes on with it; give one of them "
+                        "(--init_from=scratch --overwrite=True deletes the run first)")
+    if not cfg.out_dir.strip():
+        raise UserError("out_dir is empty; name the folder for the run's checkpoints and log, e.g. --out_dir=out/run")
+    if cfg.wandb_log and importlib.util.find_spec('wandb') is None:
+        raise UserError("wandb_log=True needs wandb, which is not installed; pip install wandb, or drop wandb_log")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    for key, (low, high, low_open, rule) in RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None and (value < low or (low_open and value == low) or (high is not None and value >= high)):
+            raise UserError(f"{key} must be {rule}, not {value}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate}); lower min_lr")
+
+
+# the valid range of each numeric trainer setting (the model's are GPTConfig's to check):
+# (lowest, first value too high or None, lowest excluded, in words)
+AT_LEAST_1, AT_LEAST_0, POSITIVE = (1, None, False, 'at least 1'), (0, None, False, 'at least 0'), \
+    (0, None, True, 'positive')
+RANGES = {
+    **dict.fromkeys(['eval_interval', 'eval_sequences', 'log_interval', 'checkpoint_interval', 'batch_size',
+                     'block_size', 'global_batch_size', 'gradient_accumulation_steps', 'max_iters',
+                     'ddp_timeout_minutes', 'lr_decay_iters', 'authors_eval_gpus', 'authors_eval_batch_size'],
+                    AT_LEAST_1),
+    **dict.fromkeys(['eval_tokens', 'warmup_iters', 'weight_decay', 'grad_clip', 'min_lr', 'keep_last_n',
+                     'loss_chunk_tokens'], AT_LEAST_0),
+    'learning_rate': POSITIVE,
+    **dict.fromkeys(['beta1', 'beta2'], (0, 1, False, 'in [0, 1)')),
+}
+
+
 # ----------------------------------------------------------------------------- processes and devices
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'pure_bfloat16')  # training's
@@ -186,6 +260,15 @@ def synchronize(device):
     """Waits for the GPU's queued work; only where the loop waits anyway (logging, evaluating, saving)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def from_rank_0(value, dist):
+    """Rank 0's value, in every process (a collective: all of them call it)."""
+    if dist.ddp:
+        shared = [value]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
+    return value
 
 
 def all_reduce(tensor, dist, op=None):

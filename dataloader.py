@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ def resolve_data_dir(data_dir, dataset):
 def check_data(data_dir, meta, block_size, vocab_size):
     """Refuses data the model cannot train on: rows of another length than block_size, a split cut short, too
     short for one sequence, or holding token ids beyond the vocabulary."""
+    if meta['vocab_size'] > vocab_size:
+        raise UserError(f"{data_dir} has {meta['vocab_size']} token ids but the model's vocab_size is {vocab_size}; "
+                        f"raise vocab_size or leave it unset")
     rows = meta.get('layout', 'packed') == 'rows'
     if rows and block_size != meta['row_length']:
         raise UserError(f"{data_dir} holds rows of {meta['row_length']} tokens, one sequence each, but block_size is "
@@ -46,6 +50,19 @@ def check_data(data_dir, meta, block_size, vocab_size):
         if largest >= vocab_size:
             raise UserError(f"{split}.bin in {data_dir} holds token id {largest}, beyond the model's vocab_size "
                             f"{vocab_size}; prepare the data again or raise vocab_size")
+
+
+def check_same_data_on_every_rank(fingerprint, data_dir, dist):
+    """Refuses, in every process, data that differs between the processes: each node reads its own copy, and a
+    different one would draw an inconsistent batch."""
+    if not dist.ddp:
+        return
+    found = [None] * dist.world_size
+    torch.distributed.all_gather_object(found, fingerprint)
+    others = [rank for rank, theirs in enumerate(found) if theirs != found[0]]
+    if others:
+        raise UserError(f"rank(s) {', '.join(map(str, others))} found other data in {data_dir} than rank 0 (meta.json, "
+                        f"or the size or contents of train.bin or val.bin); give every node the same prepared data")
 
 
 def read_meta(data_dir, dataset=None):
@@ -212,6 +229,15 @@ class TokenData:
         return to_device(x, device), to_device(y, device)
 
 
+def authors_estimate(loss_sums, tokens, gpus):
+    """The loss the authors' evaluation reports, from each of eval_batches' batches: its loss sum, its target count
+    and the GPU that read it. Per GPU, the sum of its batches' mean losses divided by (its batches + 1), their
+    counter starting at 1; then the plain mean over the GPUs. It reads low by about 1/(batches per GPU + 1)."""
+    means = loss_sums / tokens.clamp(min=1)
+    gpus = torch.tensor(gpus)
+    return torch.stack([means[gpus == gpu].sum() / ((gpus == gpu).sum() + 1) for gpu in gpus.unique()]).mean().item()
+
+
 def evenly_spaced(count, last):
     """count positions from 0 to last, evenly spaced (repeated where count exceeds last + 1)."""
     return torch.from_numpy(np.linspace(0, last, count).round().astype(np.int64))
@@ -221,6 +247,26 @@ def to_device(x, device):
     if device.type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def resolve_batch(cfg, world_size):
+    """cfg for world_size processes: batch_size the micro-batch, gradient_accumulation_steps the micro-steps of all
+    processes together (their product the global batch), authors_eval_batch_size set. With global_batch_size, each
+    process's share of it runs in the largest micro-batch that divides the share and fits the batch_size ceiling."""
+    cfg = replace(cfg, authors_eval_batch_size=cfg.authors_eval_batch_size or cfg.batch_size)
+    if cfg.global_batch_size is None:
+        if cfg.gradient_accumulation_steps % world_size:
+            raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+                            f"the number of processes ({world_size}) to keep the global batch; change one of them")
+        return cfg
+    total = cfg.global_batch_size
+    if total % world_size:
+        counts = [n for n in range(1, total + 1) if total % n == 0]
+        raise UserError(f"global_batch_size {total} cannot be shared evenly by {world_size} processes; run "
+                        f"{', '.join(map(str, counts))} processes, or change global_batch_size")
+    share = total // world_size
+    micro_batch = max(b for b in range(1, min(cfg.batch_size, share) + 1) if share % b == 0)
+    return replace(cfg, batch_size=micro_batch, gradient_accumulation_steps=share // micro_batch * world_size)
 
 
 def train_batches(iter_num, train_generator, data, device, cfg, dist):

@@ -314,6 +314,18 @@ class GPT(nn.Module):
         self.loss_chunk_tokens = 0  # N: the training loss over N tokens at a time (forward without logits)
         self.init_weights()
 
+    @classmethod
+    def on_device(cls, config, device):
+        """The model made on `device`, its weights drawn from that device's generator; on a GPU without a float32
+        copy in CPU memory first (5.4 GB per process at 1B): made on the meta device (shapes only), then moved."""
+        if device.type == 'cpu':
+            return cls(config)
+        with torch.device('meta'):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
     @torch.no_grad()
     def init_weights(self):
         """normal(0, 0.02) for every matrix, normal(0, embedding_init_std) for the embeddings, zero biases, unit
@@ -443,6 +455,27 @@ class GPT(nn.Module):
                 next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+    def depth_diagnostics(self, x, y):
+        """Per block l = 1..L, on one batch in eval mode (autocast as the caller's): the variance of the residual
+        stream after the block (the paper's Figure 4), the mean effective gain of its norms (weight times the LNS
+        factor), and the gradient norm of its parameters. torch.autograd.grad leaves .grad alone, so training (DDP
+        too) is untouched."""
+        self.eval()
+        with torch.enable_grad():
+            _, loss, residuals = self(x, y, return_residuals=True, return_logits=False)
+            params = [[p for p in block.parameters() if p.requires_grad] for block in self.blocks]
+            grads = torch.autograd.grad(loss, [p for block in params for p in block], allow_unused=True)
+        grad_norms, i = [], 0
+        for block in params:
+            block_grads = [g.float() for g in grads[i:i + len(block)] if g is not None]
+            grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in block_grads])).item()
+                              if block_grads else 0.0)
+            i += len(block)
+        self.train()
+        return {'block_variance': [r.float().var(unbiased=False).item() for r in residuals[1:]],
+                'block_norm_gain': [block.effective_norm_gain() for block in self.blocks],
+                'block_grad_norm': grad_norms}
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings only, not on 1-D tensors (norm weights, biases)."""

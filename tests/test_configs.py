@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import GPT, GPTConfig
+from model import GPT
 from train import UserError, model_config, parse_config, resolve_batch
 
 # the paper's Table (Llama, vocabulary 32,000, untied head): d_model, layers, heads, FFN hidden, parameters

@@ -76,14 +76,14 @@ def test_ddp_under_torchrun_with_one_process_uses_nccl_and_resumes(tmp_path, cha
 @pytest.mark.parametrize('dtype', ['pure_bfloat16', 'bfloat16'])
 def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, monkeypatch, dtype, compiled):
     """The loop's work per step (the learning rate, reading rows into pinned memory and copying them without
-    waiting, the micro-steps, the optimizer step, the loss's health record) only queues work on the GPU, so that the
-    host reads the next batch while the device computes. A hidden wait (an .item(), a copy from pageable memory, a
-    shape that depends on the data) raises under sync debug mode 'error', which is on from each step's learning-rate
-    lookup to its health record, after the first step. Logging, evaluating and saving wait on purpose and are no
-    part of a step; the paper configs clip nothing (grad_clip 0)."""
+    waiting, the micro-steps, the optimizer step, the record of a non-finite loss) only queues work on the GPU, so
+    that the host reads the next batch while the device computes. A hidden wait (an .item(), a copy from pageable
+    memory, a shape that depends on the data) raises under sync debug mode 'error', which is on from each step's
+    learning-rate lookup to the loop's next all_reduce, after the first step. Logging, evaluating and saving wait on
+    purpose and are no part of a step; the paper configs clip nothing (grad_clip 0)."""
     write_rows(tmp_path, n_train=128, n_val=128, row_length=32, vocab=256, longest=32)
     meta = json.loads((tmp_path / 'meta.json').read_text())
-    get_lr, record, steps = train.get_lr, train.TrainingHealth.record, []
+    get_lr, all_reduce, steps = train.get_lr, train.all_reduce, []
 
     def step_begins(iter_num, cfg):
         steps.append(iter_num)
@@ -91,11 +91,11 @@ def test_a_training_step_never_synchronizes_with_the_gpu(tmp_path, monkeypatch, 
             torch.cuda.set_sync_debug_mode('error')
         return get_lr(iter_num, cfg)
 
-    def step_ends(*args):
-        record(*args)
+    def steps_end(*args):  # every read of the device between steps goes through all_reduce (the loss check first)
         torch.cuda.set_sync_debug_mode('default')
+        return all_reduce(*args)
     monkeypatch.setattr(train, 'get_lr', step_begins)
-    monkeypatch.setattr(train.TrainingHealth, 'record', step_ends)
+    monkeypatch.setattr(train, 'all_reduce', steps_end)
     out_dir = tmp_path / 'run'
     try:
         assert train.main(['--arch=llama', '--n_layer=2', '--n_head=2', '--n_embd=64', '--batch_size=8',

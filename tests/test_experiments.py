@@ -310,7 +310,7 @@ def test_a_run_names_the_device_it_trained_on_from_the_trainers_start_up_line(tm
     from model import GPT, GPTConfig
     cfg = train.parse_config(['--device=cpu'])
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65)
-    train.print_startup(cfg, config, GPT(config), torch.device('cpu'), configurator.Distributed())
+    train.print_startup(cfg, config, GPT(config), torch.device('cpu'), configurator.Distributed(), [])
     (tmp_path / 'train.out').write_text(capsys.readouterr().out)
     assert training_runs.run_device(str(tmp_path)) == 'cpu'
     ddp_line = '8 process(es), DDP over nccl on NVIDIA H200 (peak 989 TFLOP/s); 1 parameters'

@@ -2,7 +2,6 @@
 background, a training step never waits for the device, the distributed backend follows the chosen device, the
 first step's compilation stays out of the speed figures."""
 
-import json
 import os
 import socket
 import sys
@@ -51,16 +50,16 @@ def test_resume_onto_another_device_keeps_rng_states_on_the_cpu(tmp_path, char_d
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'meta')
     sampler = torch.Generator()
     _, scaler = configurator.mixed_precision('float32', torch.device('cpu'))
-    restored = train.restore_state(saved, model, optimizer, scaler, sampler, cfg, configurator.Distributed(),
-                                   str(tmp_path / 'log.jsonl'))
-    assert restored == (2, saved['best_val_loss'])
+    checkpoint.restore_state(saved, model, optimizer, scaler, sampler, cfg.seed, configurator.Distributed(),
+                             cfg.out_dir)
     assert torch.equal(sampler.get_state(), saved['rng'][0]['sampler'])
 
 
 class SyncCounter:
     """Counts the calls, made from our modules, of the tensor methods that wait for the device: in `steps` those
-    made during an optimizer step of train.py's loop (from its learning-rate lookup to the loss's health record,
-    which end each step), in `outside` the others; `step_count` is the number of steps seen."""
+    made during the optimizer steps of train.py's loop (from a step's learning-rate lookup to the loop's next
+    all_reduce, through which every read of the device between steps goes: the loss check, the logged loss, the
+    evaluation), in `outside` the others; `step_count` is the number of steps seen."""
     METHODS = ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__')
 
     def __init__(self, monkeypatch):
@@ -68,17 +67,17 @@ class SyncCounter:
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self.wrap(name, original))
-        get_lr, record = train.get_lr, train.TrainingHealth.record
+        get_lr, all_reduce = train.get_lr, train.all_reduce
 
         def step_begins(*args):
             self.in_step, self.step_count = True, self.step_count + 1
             return get_lr(*args)
 
-        def step_ends(*args):
-            record(*args)
+        def steps_end(*args):
             self.in_step = False
+            return all_reduce(*args)
         monkeypatch.setattr(train, 'get_lr', step_begins)
-        monkeypatch.setattr(train.TrainingHealth, 'record', step_ends)
+        monkeypatch.setattr(train, 'all_reduce', steps_end)
 
     def wrap(self, name, original):
         def counted(tensor, *args, **kwargs):
@@ -99,12 +98,25 @@ def test_a_training_step_that_does_not_log_never_waits_for_the_device(monkeypatc
     assert any('in estimate_loss' in call for call in counter.outside), counter.outside
 
 
-def test_the_first_non_finite_iteration_is_found_without_reading_each_step():
-    health = train.TrainingHealth(torch.device('cpu'))
-    for iter_num, loss in enumerate([2.0, 1.5, float('nan'), 1.0, float('inf')]):
-        health.record(torch.tensor(loss), iter_num)
-    with pytest.raises(train.Diverged, match='at iteration 2;'):
-        health.check(5, configurator.Distributed(), os.devnull)
+def test_the_first_non_finite_iteration_is_found_without_reading_each_step(monkeypatch, tmp_path, char_data,
+                                                                            capsys):
+    """The third step's loss is made NaN; the loop reads the device only at its final evaluation, three steps later,
+    and still names iteration 3 (steps are numbered by their end, as the log numbers them)."""
+    counter, forward = SyncCounter(monkeypatch), GPT.forward
+    calls = []
+
+    def third_step_nan(model, *args, **kwargs):
+        outputs = forward(model, *args, **kwargs)
+        calls.append(model.training)
+        if model.training and calls.count(True) == 3:
+            return outputs[0], outputs[1] * float('nan')
+        return outputs
+    monkeypatch.setattr(GPT, 'forward', third_step_nan)
+    code = train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=6',
+                              '--eval_interval=100', '--log_interval=100'])
+    assert code == 3 and counter.step_count == 6 and counter.steps == []
+    assert 'training loss is not finite at iteration 3; stopped at iteration 6' in capsys.readouterr().err
+    assert read_log(tmp_path)[-1] == {'iter': 3, 'diverged': 'train'}
 
 
 def test_the_model_can_drop_its_logits_when_only_the_loss_is_needed():
@@ -249,11 +261,11 @@ def test_the_trainer_makes_the_model_on_its_device_without_a_copy_in_cpu_memory(
     assert devices and set(devices) == {'meta'} and {p.device.type for p in model.parameters()} == {'meta'}
 
 
-def test_compile_mode_reaches_torch_compile(monkeypatch):
+def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, char_data):
     modes = []
     monkeypatch.setattr(torch, 'compile', lambda model, mode=None: (modes.append(mode), model)[1])
-    cfg = train.parse_config(['--compile=True', '--compile_mode=max-autotune-no-cudagraphs'])
-    train.wrap_for_training(torch.nn.Linear(2, 2), cfg, configurator.Distributed(), torch.device('cpu'))
+    assert train.main(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=1', '--compile=True',
+                              '--compile_mode=max-autotune-no-cudagraphs']) == 0
     assert modes == ['max-autotune-no-cudagraphs']
 
 
@@ -263,19 +275,6 @@ def test_peak_flops_match_whole_words_and_follow_the_dtype(monkeypatch):
                               ('Tesla V100-SXM2-16GB', 'bfloat16', None), ('Tesla V100-SXM2-16GB', 'float32', None)]:
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
         assert configurator.peak_flops(torch.device('cuda'), dtype) == (name, peak)
-
-
-def test_the_paper_benchmark_table_runs_each_config_in_its_own_process(tmp_path):
-    """The GPU check's benchmark, on the CPU with the configs shrunk: every config a row, each with its numbers."""
-    import bench
-    shrink = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_head=2', '--n_kv_head=2',
-              '--n_embd=32', '--batch_size=2', '--block_size=16', '--vocab_size=128']
-    configs = {'130M': ['config/llama_130m_lns.py'], '1B (ffn 5504)': ['config/llama_1b_lns.py', '--ffn_hidden=48']}
-    text = bench.paper_table(tmp_path / 'paper.json', configs=configs, extra=shrink, steps=1, warmup=1)
-    rows = json.loads((tmp_path / 'paper.json').read_text())['configs']
-    assert [row['config'] for row in rows] == ['130M', '1B (ffn 5504)']
-    assert all(row['ms_per_step'] > 0 and row['tokens_per_step'] == 32 for row in rows)
-    assert '| 1B (ffn 5504) |' in text and 'measured float32 matmul' in text
 
 
 @pytest.mark.slow
@@ -311,12 +310,12 @@ def test_the_depth_diagnostics_need_a_fraction_of_a_micro_batch_s_memory_at_the_
     (about 34 GiB, more than a checkpointed training step needs)."""
     cfg = train.parse_config([os.path.join(ROOT, 'config', 'llama_1b_lns.py')])
     micro_batch = torch.arange(32)
-    diagnosed = len(train.diagnostic_sequences(micro_batch, cfg.block_size))
+    diagnosed = len(micro_batch[:train.DIAGNOSTIC_TOKENS // cfg.block_size])
     assert diagnosed == 4
     slice_bytes = bench.saved_activation_bytes(cfg, diagnosed, return_residuals=True)
     assert slice_bytes < 5 * 2 ** 30
     assert slice_bytes < bench.saved_activation_bytes(cfg, len(micro_batch), return_residuals=True) / 7
-    assert len(train.diagnostic_sequences(torch.arange(32), 64)) == 16  # the CPU configs' 64-token sequences
+    assert train.DIAGNOSTIC_TOKENS // 64 == 16  # the CPU configs' 64-token sequences
 
 
 def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path, char_data, monkeypatch):
@@ -342,25 +341,6 @@ def test_accumulated_gradients_live_in_ddp_buckets_with_no_second_copy(tmp_path,
     assert len(storages) == 9
     assert all(len(seen) == 1 and None not in seen for seen in storages[3:])
     assert len(storages[3] | storages[-1]) == 1  # the same bucket throughout
-
-
-def test_the_benchmark_s_optimizer_step_is_the_trainer_s(tmp_path, char_data):
-    """bench.py times its own copy of the loop's step; on the trainer's batches it must reach the trainer's weights
-    exactly (micro-steps, loss scaling, clipping, zeroing)."""
-    argv = TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--max_iters=3', '--decay_lr=False',
-                   '--gradient_accumulation_steps=2', '--grad_clip=0.5', '--eval_interval=100', '--log_interval=100']
-    assert train.main(argv) == 0
-    cfg, cpu, one = train.resolve_batch(train.parse_config(argv), 1), torch.device('cpu'), configurator.Distributed()
-    meta = dataloader.read_meta(char_data, cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    model, optimizer, autocast, scaler = train.build_model(cfg, train.model_config(cfg, meta['vocab_size']), cpu)
-    data, generator = dataloader.TokenData(char_data, meta, cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    for iter_num in range(3):
-        micro_batches = list(dataloader.train_batches(iter_num, generator, data, cpu, cfg, one))
-        bench.optimizer_step(model, model, optimizer, scaler, autocast, micro_batches, cfg.grad_clip)
-    trained = read_checkpoint(tmp_path / 'ckpt.pt')['model']
-    assert trained.keys() == model.state_dict().keys()
-    assert all(torch.equal(trained[name], value) for name, value in model.state_dict().items())
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='reads the mappings of a Linux process')

@@ -181,13 +181,3 @@ def test_bench_reports_steady_state_speed_of_a_config(capsys):
     assert bench.main(['--steps=0']) == 1 and 'positive int' in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_bench_table_has_every_config_compiled_and_not_and_every_scheme(tmp_path):
-    import bench
-    tiny = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--device=cpu',
-            '--dataset=none']
-    text = bench.table(tmp_path / 'table.json', configs={'tiny': tiny}, rounds=1, steps=2, warmup=1)
-    report = json.loads((tmp_path / 'table.json').read_text())
-    assert [(row['config'], row['compile']) for row in report['configs']] == [('tiny', False), ('tiny', True)]
-    assert set(report['scheme_overhead']) == {'pre', 'lns', 'post', 'mix', 'deepnorm', 'peri'}
-    assert report['scheme_overhead']['pre'] == 0.0 and '| lns |' in text and 'measured float32 matmul' in text

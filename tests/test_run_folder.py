@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import configurator
 import train
 from conftest import ROOT, read_log, training_losses
 from model import read_checkpoint
@@ -192,8 +193,8 @@ def test_a_token_file_of_odd_size_is_named(tmp_path, capsys, char_data):
 
 
 def test_wandb_log_without_wandb_is_refused_before_anything_runs(tmp_path, capsys, char_data, monkeypatch):
-    find_spec = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, 'find_spec', lambda name: None if name == 'wandb' else find_spec(name))
+    find_spec = configurator.importlib.util.find_spec
+    monkeypatch.setattr(configurator.importlib.util, 'find_spec', lambda name: None if name == 'wandb' else find_spec(name))
     code, out = run(TINY + [f'--data_dir={char_data}', f'--out_dir={tmp_path}', '--wandb_log=True'], capsys)
     assert code == 1 and one_sentence(out) and 'pip install wandb' in out.err and out.out == ''
     assert not os.listdir(tmp_path)

@@ -246,7 +246,7 @@ def test_a_missing_local_path_is_no_such_folder_not_a_hub_id(tmp_path, capsys, m
     (sample, ['--start', '--num_samples', '--max_new_tokens', '--temperature', '--skip_layers', '--device']),
     (hf, ['RUN_OR_CHECKPOINT', 'HF_FOLDER', 'so they cannot be exported.']),  # the description whole
     (eval_layers, ['--data', '--text', '--tokens', '--last_k', '--task', '--task_file', '--json', '--plot']),
-    (bench, ['--steps', '--warmup', '--table', '--paper', '--memory']),
+    (bench, ['--steps', '--warmup', '--memory']),
 ], ids=['sample.py', 'hf.py', 'eval_layers.py', 'bench.py'])
 def test_every_script_answers_help_with_its_options(capsys, script, options):
     """`python SCRIPT --help` exits with main's status (argparse's exit 0 where argparse answers)."""

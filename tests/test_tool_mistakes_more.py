@@ -1,7 +1,6 @@
 """More mistakes a new user made with eval_layers.py, sample.py, hf.py and bench.py: damaged or re-prepared data, an
 offline tokenizer, a space inside --skip_layers, a Hugging Face folder given as a run, a file that is no checkpoint.
-Each ends in one sentence that says what is wrong and what to do; a long benchmark says what it measures as it goes;
-a plot says what text its losses are on."""
+Each ends in one sentence that says what is wrong and what to do; a plot says what text its losses are on."""
 
 import json
 import os
@@ -176,51 +175,6 @@ def test_a_hugging_face_folder_given_as_the_run_is_named_with_the_right_command(
     assert f"the two arguments are swapped; run python hf.py {run} {export}" in error, error
     assert {name: (export / name).read_bytes() for name in os.listdir(export)} == before
     assert sorted(os.listdir(run)) == ['ckpt.pt']
-
-
-# ----------------------------------------------------------------------------- 5: a benchmark that takes minutes
-
-FAKE_RESULT = {'device': 'cpu', 'threads': 1, 'parameters': 10 ** 6, 'tokens_per_step': 1024, 'compile': False,
-               'dtype': 'float32', 'warmup_seconds': 1.0, 'ms_per_step': 10.0, 'tokens_per_sec': 1e5, 'mfu': 0.1,
-               'peak_source': 'measured float32 matmul', 'peak_memory_bytes': 2 ** 20,
-               'peak_memory_source': 'process max RSS'}
-
-
-@pytest.mark.parametrize('argv, first, count', [
-    (['--table'], 'measuring small: Llama 12 x 128, 16 x 64 tokens, compile=False', 4 + 5 * 6 + 5 * 2),
-    (['--paper'], 'measuring 71M', 5),
-])
-def test_each_measurement_of_a_table_is_announced_before_it_runs(capsys, monkeypatch, argv, first, count):
-    """Every measurement's process starts after a line saying what it measures (the processes are stand-ins)."""
-    said = []
-
-    def measured(command, **kwargs):
-        said.append(capsys.readouterr().err)  # what the user has seen when this process starts
-        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(FAKE_RESULT) + '\n', stderr='')
-    monkeypatch.setattr(bench.subprocess, 'run', measured)
-    assert bench.main(argv) == 0
-    assert len(said) == count and said[0].splitlines()[-1].startswith(first), said[0]
-    assert all(err.splitlines()[-1].startswith('measuring ') for err in said), said
-    if argv == ['--table']:
-        assert said[4].splitlines()[-1].startswith('measuring norm_scheme=pre, --compile=False, round 1 of 5')
-
-
-def test_a_paper_config_announced_and_measured_for_real(tmp_path, capfd):
-    shrink = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_head=2', '--n_kv_head=2',
-              '--n_embd=32', '--batch_size=2', '--block_size=16', '--vocab_size=128']
-    bench.paper_table(configs={'130M': ['config/llama_130m_lns.py']}, extra=shrink, steps=1, warmup=1)
-    lines = capfd.readouterr().err.splitlines()
-    result = next(i for i, line in enumerate(lines) if line.startswith('130M: ') and line.endswith(' ms/step'))
-    assert lines.index('measuring 130M (1 warm-up and 1 timed steps)') < result, lines
-
-
-def test_a_measurement_that_fails_ends_in_one_sentence(capsys, monkeypatch):
-    monkeypatch.setattr(bench.subprocess, 'run', lambda command, **kwargs: subprocess.CompletedProcess(
-        command, 1, stdout='', stderr='Traceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of memory'))
-    assert bench.main(['--paper']) == 1
-    error = one_error(capsys.readouterr().err)
-    assert 'measuring 71M failed (torch.OutOfMemoryError: CUDA out of memory)' in error, error
-    assert 'run python bench.py' in error and 'llama_71m_lns.py' in error, error
 
 
 # ----------------------------------------------------------------------------- 6: what the losses are on
