@@ -51,7 +51,7 @@ def test_a_device_this_machine_lacks_is_named_with_what_is_there(device, tmp_pat
     err = train_error([f'--device={device}', f'--out_dir={out_dir}'], capsys)
     assert f"device {device!r} is not available" in err and 'only cpu' in err and '--device=cpu' in err, err
     assert not out_dir.exists()
-    assert bench.main([f'--device={device}', '--steps=1', '--warmup=1']) == 1  # sample.py: test_tool_mistakes.py
+    assert bench.main([f'--device={device}', '--steps=1', '--warmup=1']) == 1  # sample.py: test_tool_errors.py
     assert f"device {device!r} is not available" in one_error(capsys.readouterr().err)
 
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'experiments')]
 import speed_tables  # noqa: E402
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'experiments')]
 import cpu_sweep  # noqa: E402
 import recipe_study  # noqa: E402
 import training_runs  # noqa: E402
