@@ -44,8 +44,9 @@ import time
 
 import recipe_study
 import tuned_study
-from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, outcome, pyplot, read_log, run_all,
-                           run_devices, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
+from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, interval, layer_findings,
+                           layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all, run_devices, run_plan,
+                           sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
@@ -223,39 +224,14 @@ def arm_report(args, arm):
 
 
 def layer_report(args, arm, arm_losses):
-    """Per scheme at its best rate, from the committed layer analyses: per block the loss increase with the block
-    removed, the angular distance between its input and output and the residual variance after it (mean and
-    t-interval over seeds); and the share of the whole layer-drop damage that the deepest half of the blocks carry,
-    per seed, with each LNS mode's share minus Pre-LN's paired by seed."""
-    profiles = {}
+    """The layer profiles of each scheme's runs at its best rate (training_runs.layer_profiles), from the committed
+    layer analyses."""
+    at_best = {}
     for scheme, by_rate in arm_losses.items():
-        best, layers = tuned_study.best_rate(by_rate), {}
-        for seed in sorted(by_rate.get(best, {})):
-            path = layers_path(args, os.path.basename(run_dir(args, arm, best, scheme, seed)))
-            if os.path.exists(path):
-                with open(path) as f:
-                    layers[seed] = json.load(f)['models'][0]['layers']
-        if not layers:
-            continue
-        profile = {'learning_rate': best, 'seeds': sorted(layers)}
-        for key in ('loss_drop', 'angular_distance_next', 'variance'):
-            per_block = list(zip(*([layer[key] for layer in blocks] for blocks in layers.values())))
-            profile[key] = {'mean': [statistics.mean(values) for values in per_block],
-                            't_95': [t_interval(list(values)) for values in per_block]}
-        drops = {seed: [layer['loss_drop'] for layer in blocks] for seed, blocks in layers.items()}
-        profile['deep_half_share'] = {str(seed): sum(d[len(d) // 2:]) / sum(d) for seed, d in drops.items()}
-        profiles[scheme] = profile
-    shares = {}
-    for mode in ARMS[arm][2][1:]:
-        if {'pre', mode} <= set(profiles):
-            pre, lns = profiles['pre']['deep_half_share'], profiles[mode]['deep_half_share']
-            differences = [lns[seed] - pre[seed] for seed in sorted(set(pre) & set(lns))]
-            if differences:
-                positive, negative, p = sign_test(differences)
-                shares[mode] = {'seeds': len(differences), 'by_seed': differences,
-                                'mean': statistics.mean(differences), 't_95': t_interval(differences),
-                                'lns_higher_in': positive, 'pre_higher_in': negative, 'sign_test_p': p}
-    return {'tokens': LAYER_TOKENS, 'schemes': profiles, 'deep_half_share_lns_minus_pre': shares}
+        best = tuned_study.best_rate(by_rate)
+        at_best[scheme] = (best, {seed: layers_path(args, os.path.basename(run_dir(args, arm, best, scheme, seed)))
+                                  for seed in sorted(by_rate.get(best, {}))})
+    return layer_profiles(at_best, ARMS[arm][2][1:], LAYER_TOKENS)
 
 
 def contrast(reports, first, second):
@@ -269,10 +245,6 @@ def contrast(reports, first, second):
     changes = [by_seed[1][s] - by_seed[0][s] for s in seeds]
     return {'seeds': seeds, 'by_seed': changes, 'mean': statistics.mean(changes) if changes else None,
             't_95': t_interval(changes)}
-
-
-def interval(values):
-    return f"[{values[0]:+.4f}, {values[1]:+.4f}]" if values else "(one seed: no interval)"
 
 
 def findings(reports, contrasts):
@@ -290,17 +262,7 @@ def findings(reports, contrasts):
                     lines.append(f"arm {arm}, {mode} - pre {words}: {g['mean']:+.4f} over {len(g['seeds'])} paired "
                                  f"seed(s), t 95% {interval(g['t_95'])}; pre lower in {g['pre_lower_in']}, "
                                  f"{mode} lower in {g['lns_lower_in']} (sign test p = {g['sign_test_p']:.3g})")
-        layers = report['layers']
-        for scheme, profile in layers['schemes'].items():
-            shares = list(profile['deep_half_share'].values())
-            lines.append(f"arm {arm}, {scheme} at {profile['learning_rate']:g}: the deepest half of the blocks carry "
-                         f"{statistics.mean(shares):.1%} of the layer-drop damage (mean of {len(shares)} seed(s); "
-                         f"the first {layers['tokens']:,} validation tokens)")
-        for mode, d in layers['deep_half_share_lns_minus_pre'].items():
-            lines.append(f"arm {arm}, deep-half share of the layer-drop damage, {mode} - pre: {d['mean']:+.3f} over "
-                         f"{d['seeds']} paired seed(s), t 95% {interval(d['t_95'])}; {mode} higher in "
-                         f"{d['lns_higher_in']}, pre higher in {d['pre_higher_in']} (sign test p = "
-                         f"{d['sign_test_p']:.3g})")
+        lines += layer_findings(f"arm {arm}", report['layers'])
     for (first, second, words), c in zip(CONTRASTS, contrasts):
         if c and c['mean'] is not None:
             lines.append(f"{words}: the lns - pre gap changes by {c['mean']:+.4f} from arm {first} to arm "
@@ -332,23 +294,8 @@ def plot(args, reports):
     measured = {arm: report['layers']['schemes'] for arm, report in reports.items() if report['layers']['schemes']}
     if not measured:
         return [path]
-    fig, axes = plt.subplots(1, len(measured), figsize=(4.5 * len(measured), 4), squeeze=False, sharey=True)
-    for ax, (arm, profiles) in zip(axes[0], measured.items()):
-        for scheme, profile in profiles.items():
-            drop = profile['loss_drop']
-            blocks = range(1, len(drop['mean']) + 1)
-            ax.plot(blocks, drop['mean'], color=colors[scheme], marker='o',
-                    label=f"{scheme} at {profile['learning_rate']:g} ({len(profile['seeds'])} seeds)")
-            if all(drop['t_95']):
-                ax.fill_between(blocks, *zip(*drop['t_95']), color=colors[scheme], alpha=0.2)
-        ax.axhline(0, color='black', linewidth=0.8)
-        ax.set(yscale='symlog', xlabel='block removed', ylabel='validation loss increase (nats)',
-               title=f"arm {arm}: layer drop at each best rate (band: t 95%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
     layers_figure = os.path.join(args.figures, 'regime_layers.png')
-    fig.savefig(layers_figure, dpi=110)
-    plt.close(fig)
+    plot_layer_drop({f"arm {arm}": profiles for arm, profiles in measured.items()}, layers_figure)
     return [path, layers_figure]
 
 

@@ -707,3 +707,51 @@ def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pa
     in_order(findings, gap[:3] + [lns_share, pre_share])
     assert f"pre higher in {arm['layers']['deep_half_share_lns_minus_pre']['lns']['seeds']}" in ' '.join(
         study['findings']) and 'LNS lower in all 5' in findings
+
+
+LAYERS_STAND_IN = '''
+import json, os, sys
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+assert args['beta2'] == '0.999' and args['eval_sequences'] == '640'
+with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
+    log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': 1.0, 'val_loss': 1.0}) + '\\n')
+open(os.path.join(args['out_dir'], 'ckpt.pt'), 'w').close()
+'''
+
+
+def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path, monkeypatch):
+    """The tuned study's logs (written here) put Pre-LN's best at 2e-3 and LNS's at 5e-3 at 6 blocks, five seeds
+    each, one LNS seed diverged; only those runs are trained again (by a stand-in trainer) and measured (by
+    stand_in_layers: Pre-LN's damage spread evenly over 4 blocks, LNS's 1, 1, 2 + seed, 2), and a second pass
+    trains nothing."""
+    import tuned_layers
+    study_runs = tmp_path / 'study_runs'
+    for scheme, rates in (('pre', {1e-3: 1.62, 2e-3: 1.60}), ('lns', {2e-3: 1.63, 5e-3: 1.61})):
+        for rate, loss in rates.items():
+            for seed in range(5) if loss < 1.615 else [0]:
+                folder = study_runs / f'd6_lr{rate:g}_{scheme}_s{seed}'
+                folder.mkdir(parents=True)
+                record = ({'iter': 300, 'diverged': 'train'} if (scheme, seed) == ('lns', 4) else
+                          {'iter': 1500, 'train_loss': loss, 'val_loss': loss + 0.001 * seed})
+                (folder / 'log.jsonl').write_text(json.dumps(record) + '\n')
+    trainer = tmp_path / 'train.py'
+    trainer.write_text(LAYERS_STAND_IN)
+    monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
+    measured = []
+    monkeypatch.setattr(tuned_layers, 'analyze_layers', lambda folders, *args, **kwargs: (
+        measured.append(os.path.basename(folders[0])), stand_in_layers(folders, *args, **kwargs)))
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'val.bin').write_bytes(b'')
+    options = ['--depths', '6', '--jobs', '2', '--study_runs', str(study_runs), '--data_dir', str(tmp_path / 'data'),
+               *[f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures')]]
+    tuned_layers.main(options)
+    assert sorted(measured) == sorted([f'd6_lr0.002_pre_s{seed}' for seed in range(5)] +
+                                      [f'd6_lr0.005_lns_s{seed}' for seed in range(4)])
+    report = json.loads((tmp_path / 'results' / 'tuned_layers.json').read_text())['depths']['6']
+    assert report['schemes']['pre']['learning_rate'] == 2e-3 and report['schemes']['lns']['seeds'] == [0, 1, 2, 3]
+    share = report['deep_half_share_lns_minus_pre']['lns']
+    assert share['by_seed'] == pytest.approx([(4.0 + seed) / (6.0 + seed) - 0.5 for seed in range(4)])
+    assert (tmp_path / 'figures' / 'tuned_layers.png').exists()
+    measured.clear()
+    tuned_layers.main(options)
+    assert measured == []

@@ -180,6 +180,90 @@ def sign_test(differences):
     return positive, negative, p
 
 
+def interval(values):
+    return f"[{values[0]:+.4f}, {values[1]:+.4f}]" if values else "(one seed: no interval)"
+
+
+# ----------------------------------------------------------------------------- layer profiles (eval_layers.py's)
+
+def layer_profiles(at_best, modes, tokens):
+    """Per scheme, from the layer analyses of its runs at its best rate (at_best: {scheme: (rate, {seed: the
+    eval_layers.py JSON of that run})}, those that exist): per block the loss increase with the block removed, the
+    angular distance between its input and output and the residual variance after it (mean and t-interval over
+    seeds); and the share of the whole layer-drop damage that the deepest half of the blocks carry, per seed, with
+    each LNS mode's share minus Pre-LN's paired by seed."""
+    profiles = {}
+    for scheme, (best, paths) in at_best.items():
+        layers = {}
+        for seed, path in paths.items():
+            if os.path.exists(path):
+                with open(path) as f:
+                    layers[seed] = json.load(f)['models'][0]['layers']
+        if not layers:
+            continue
+        profile = {'learning_rate': best, 'seeds': sorted(layers)}
+        for key in ('loss_drop', 'angular_distance_next', 'variance'):
+            per_block = list(zip(*([layer[key] for layer in blocks] for blocks in layers.values())))
+            profile[key] = {'mean': [statistics.mean(values) for values in per_block],
+                            't_95': [t_interval(list(values)) for values in per_block]}
+        drops = {seed: [layer['loss_drop'] for layer in blocks] for seed, blocks in layers.items()}
+        profile['deep_half_share'] = {str(seed): sum(d[len(d) // 2:]) / sum(d) for seed, d in drops.items()}
+        profiles[scheme] = profile
+    shares = {}
+    for mode in modes:
+        if {'pre', mode} <= set(profiles):
+            pre, lns = profiles['pre']['deep_half_share'], profiles[mode]['deep_half_share']
+            differences = [lns[seed] - pre[seed] for seed in sorted(set(pre) & set(lns))]
+            if differences:
+                positive, negative, p = sign_test(differences)
+                shares[mode] = {'seeds': len(differences), 'by_seed': differences,
+                                'mean': statistics.mean(differences), 't_95': t_interval(differences),
+                                'lns_higher_in': positive, 'pre_higher_in': negative, 'sign_test_p': p}
+    return {'tokens': tokens, 'schemes': profiles, 'deep_half_share_lns_minus_pre': shares}
+
+
+def layer_findings(label, layers):
+    """The lines a study prints about layer_profiles' result, each starting with label."""
+    lines = []
+    for scheme, profile in layers['schemes'].items():
+        shares = list(profile['deep_half_share'].values())
+        lines.append(f"{label}, {scheme} at {profile['learning_rate']:g}: the deepest half of the blocks carry "
+                     f"{statistics.mean(shares):.1%} of the layer-drop damage (mean of {len(shares)} seed(s); "
+                     f"the first {layers['tokens']:,} validation tokens)")
+    for mode, d in layers['deep_half_share_lns_minus_pre'].items():
+        lines.append(f"{label}, deep-half share of the layer-drop damage, {mode} - pre: {d['mean']:+.3f} over "
+                     f"{d['seeds']} paired seed(s), t 95% {interval(d['t_95'])}; {mode} higher in "
+                     f"{d['lns_higher_in']}, pre higher in {d['pre_higher_in']} (sign test p = "
+                     f"{d['sign_test_p']:.3g})")
+    return lines
+
+
+LAYER_COLORS = {'pre': 'tab:blue', 'lns': 'tab:orange', 'lns_gain': 'tab:red'}
+
+
+def plot_layer_drop(panels, path):
+    """One panel per {title: layer_profiles' schemes}: each scheme's layer-drop profile, the seed mean with its
+    t-interval as a band."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (title, profiles) in zip(axes[0], panels.items()):
+        for scheme, profile in profiles.items():
+            drop = profile['loss_drop']
+            blocks = range(1, len(drop['mean']) + 1)
+            ax.plot(blocks, drop['mean'], color=LAYER_COLORS[scheme], marker='o',
+                    label=f"{scheme} at {profile['learning_rate']:g} ({len(profile['seeds'])} seeds)")
+            if all(drop['t_95']):
+                ax.fill_between(blocks, *zip(*drop['t_95']), color=LAYER_COLORS[scheme], alpha=0.2)
+        ax.axhline(0, color='black', linewidth=0.8)
+        ax.set(yscale='symlog', xlabel='block removed', ylabel='validation loss increase (nats)',
+               title=f"{title}: layer drop at each best rate (band: t 95%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_json(path, data):
     """Written to a temporary file of this process and renamed: a reader never sees half a file, and studies
     running side by side (experiments/recipe_study_gpu.sh) never share the temporary file."""
