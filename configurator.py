@@ -1,6 +1,7 @@
 """
-The settings of train.py and sample.py, from config files and --key=value arguments; the one error a user can
-fix and the one main wrapper, for every script; the processes, devices and precisions a run uses.
+The settings of train.py, sample.py and bench.py, from config files and --key=value arguments, and the checks of
+train.py's (their ranges, and what a resumed run takes); the one error a user can fix and the one main wrapper, for
+every script; the processes, devices and precisions a run uses.
 """
 
 import ast

@@ -1,6 +1,7 @@
 """
 The prepared token data a run reads: data/<dataset>/{train,val}.bin (uint16 token ids) and meta.json, in the packed
-layout (documents end to end) or the authors' rows layout; its checks, the batches of each step and evaluation.
+layout (documents end to end) or the authors' rows layout; its checks, the batch sizes of a process count, the
+batches of each step and evaluation, and the authors' evaluation estimator.
 """
 
 import difflib
