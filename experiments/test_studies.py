@@ -681,8 +681,8 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
 
 
 def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pass_printed_them():
-    """experiments/README.md's regime-study paragraph on arm A: each number in the order the committed
-    regime_study.json's findings give it (keyed to the numbers, not the wording)."""
+    """experiments/README.md's regime-study paragraphs on arms A and B, and README's sentence: each number in the
+    order the committed regime_study.json's findings give it (keyed to the numbers, not the wording)."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'regime_study.json')) as f:
         study = json.load(f)
     with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
@@ -701,12 +701,27 @@ def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pa
     in_order(paragraph, [f"{arm['passes']:.2f}", f"{arm['schemes']['pre']['val_minus_train']:+.4f}",
                          f"{arm['schemes']['lns']['val_minus_train']:+.4f}", pre_share, lns_share, shares[0],
                          shares[1], shares[2], shares[-1]])
+    # arm B: its gaps (lns and gain_init), the held-out gap, validation minus training, the deep-half shares
+    arm_b = study['arms']['B']
+    assert [arm_b['schemes'][s]['seeds_at_best'] for s in ('pre', 'lns', 'lns_gain')] == [5, 5, 5]
+    found_b = {f.split(':', 1)[0]: re.findall(r'[-+]?\d+\.\d+', f.split(':', 1)[1]) for f in study['findings']
+               if f.startswith('arm B')}
+    gap_b, gain_b = found_b['arm B, lns - pre at the best rates'], found_b['arm B, lns_gain - pre at the best rates']
+    held_out_b = found_b['arm B, lns - pre held out (seeds 1-4)']
+    shares_b = {mode: found_b[f'arm B, deep-half share of the layer-drop damage, {mode} - pre'][:3]
+                for mode in ('lns', 'lns_gain')}
+    share_of = {scheme: found_b[f'arm B, {scheme} at 0.003'][-1] for scheme in ('pre', 'lns', 'lns_gain')}
+    repetition, = [re.findall(r'[-+]\d+\.\d+', f) for f in study['findings'] if f.startswith('repetition')]
+    paragraph_b = section[section.index('Arm B is complete'):section.index('Status:')]
+    in_order(paragraph_b, [f"{arm_b['passes']:.2f}"] + gap_b[:3] + held_out_b[:3] + gain_b[:3] +
+             [f"{arm_b['schemes'][s]['val_minus_train']:+.4f}" for s in ('pre', 'lns', 'lns_gain')] + repetition +
+             [share_of['pre'], share_of['lns'], share_of['lns_gain']] + shares_b['lns'] + shares_b['lns_gain'])
     with open(os.path.join(ROOT, 'README.md')) as f:
         readme = ' '.join(f.read().split())
     findings = readme[readme.index('## What the studies show'):readme.index('## The model')]
-    in_order(findings, gap[:3] + [lns_share, pre_share])
-    assert f"pre higher in {arm['layers']['deep_half_share_lns_minus_pre']['lns']['seeds']}" in ' '.join(
-        study['findings']) and 'LNS lower in all 5' in findings
+    in_order(findings, gap[:3] + gap_b[:3] + repetition + [lns_share, share_of['lns'], pre_share, share_of['pre']])
+    assert all(f"pre higher in {study['arms'][a]['layers']['deep_half_share_lns_minus_pre']['lns']['seeds']}" in
+               ' '.join(study['findings']) for a in 'AB') and 'LNS lower in all 5' in findings
 
 
 LAYERS_STAND_IN = '''
