@@ -53,16 +53,23 @@ EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation spl
 # arm -> (width, data folder under data/, schemes)
 ARMS = {'A': (64, 'mixed_char_1m', ('pre', 'lns')),
         'B': (64, 'mixed_char', ('pre', 'lns', 'lns_gain')),
-        'C': (128, 'mixed_char', ('pre', 'lns'))}
+        'C': (128, 'mixed_char', ('pre', 'lns')),
+        'B256': (256, 'mixed_char', ('pre', 'lns')),  # the GPU arms (experiments/regime_study_gpu.sh)
+        'B512': (512, 'mixed_char', ('pre', 'lns'))}
+CPU_ARMS = ('A', 'B', 'C')
+# the GPU arms train every rate of a fixed grid with seeds 0-2 (no screen): the cells fit one lent GPU's call
+GRID_ARMS, GRID_SEEDS = {'B256': (3e-4, 1e-3, 3e-3), 'B512': (3e-4, 1e-3, 3e-3)}, 3
 LEARNING_RATES = (1e-3, 2e-3, 3e-3, 5e-3, 1e-2)  # around the tuned study's 12-block bests (pre 2e-3, lns 5e-3)
 SEEDS = 5
 LAYER_TOKENS = 65536  # the layer analyses' tokens: the first of the validation split, the same for every run
-CONTRASTS = (('A', 'B', 'repetition: 3 passes (A) against under one (B)'), ('B', 'C', 'width: 64 (B) against 128 (C)'))
+CONTRASTS = (('A', 'B', 'repetition: 3 passes (A) against under one (B)'), ('B', 'C', 'width: 64 (B) against 128 (C)'),
+             ('B', 'B256', 'width: 64 (B) against 256'), ('B', 'B512', 'width: 64 (B) against 512'))
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS), help='in the order they run')
+    parser.add_argument('--arms', nargs='+', default=list(CPU_ARMS), choices=list(ARMS),
+                        help='in the order they run (B256 and B512: the GPU arms)')
     parser.add_argument('--learning_rates', type=float, nargs='+', default=list(LEARNING_RATES),
                         help='the grid to screen (grown past an edge where a best sits on it)')
     parser.add_argument('--steps', type=int, default=STEPS)
@@ -116,8 +123,12 @@ def losses(args, arm):
 
 
 def plan(args, arm):
-    """The runs to do next in an arm: its screen (grown at an edge), else the seeds at each scheme's best rate."""
+    """The runs to do next in an arm: its screen (grown at an edge), else the seeds at each scheme's best rate; in a
+    GPU arm, every rate of its grid with seeds 0-2."""
     arm_losses = losses(args, arm)
+    if arm in GRID_ARMS:
+        return [(arm, rate, scheme, seed) for seed in range(GRID_SEEDS) for rate in GRID_ARMS[arm]
+                for scheme in arm_losses if seed not in arm_losses[scheme].get(rate, {})]
     rates = tuned_study.grid(arm_losses, args.learning_rates)
     screen = [(arm, rate, scheme, 0) for rate in rates for scheme in arm_losses
               if 0 not in arm_losses[scheme].get(rate, {})]

@@ -770,3 +770,28 @@ def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path
     measured.clear()
     tuned_layers.main(options)
     assert measured == []
+
+
+def test_the_regime_study_s_gpu_arms_train_every_rate_of_their_grid_with_three_seeds(tmp_path):
+    """A GPU arm has no screen: every rate of its grid, both schemes, seeds 0-2, less the runs already finished."""
+    import regime_study
+    args = regime_study.parse_args(['--arms', 'B256', '--runs', str(tmp_path / 'runs'), '--steps', '10'])
+    everything = regime_study.plan(args, 'B256')
+    assert sorted(everything) == sorted(('B256', rate, scheme, seed) for rate in (3e-4, 1e-3, 3e-3)
+                                        for scheme in ('pre', 'lns') for seed in range(3))
+    done = os.path.join(regime_study.run_dir(args, 'B256', 1e-3, 'lns', 2))
+    os.makedirs(done)
+    with open(os.path.join(done, 'log.jsonl'), 'w') as f:
+        f.write(json.dumps({'iter': 10, 'train_loss': 1.4, 'val_loss': 1.5}) + '\n')
+    assert sorted(regime_study.plan(args, 'B256')) == sorted(set(everything) - {('B256', 1e-3, 'lns', 2)})
+    assert regime_study.parse_args([]).arms == ['A', 'B', 'C']  # the GPU arms only when named
+
+
+def test_the_regime_study_s_gpu_script_runs_its_width_arms_as_the_study_s_options(tmp_path):
+    import regime_study
+    calls, status, output = run_gpu_script(tmp_path, 'regime_study_gpu.sh', says='finished: arm B256')
+    assert {call[0] for call in calls} == {'experiments/regime_study.py'}
+    studies = sorted((args.arms, args.device, args.threads, args.jobs)
+                     for args in (regime_study.parse_args(call[1:]) for call in calls))
+    assert studies == [(['B256'], 'cuda', 1, 18), (['B512'], 'cuda', 1, 18)]
+    assert status == 0 and output.count('1 run(s) ended, 0 failed') == 2
