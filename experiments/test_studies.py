@@ -728,7 +728,9 @@ LAYERS_STAND_IN = '''
 import json, os, sys
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
 assert args['beta2'] == '0.999' and args['eval_sequences'] == '640'
+step_loss = 2.1 if args['out_dir'].endswith('pre_s3') else 2.0  # this run does not train as it did the first time
 with open(os.path.join(args['out_dir'], 'log.jsonl'), 'a') as log:
+    log.write(json.dumps({'iter': 150, 'loss': step_loss}) + '\\n')
     log.write(json.dumps({'iter': int(args['max_iters']), 'train_loss': 1.0, 'val_loss': 1.0}) + '\\n')
 open(os.path.join(args['out_dir'], 'ckpt.pt'), 'w').close()
 '''
@@ -737,8 +739,8 @@ open(os.path.join(args['out_dir'], 'ckpt.pt'), 'w').close()
 def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path, monkeypatch):
     """The tuned study's logs (written here) put Pre-LN's best at 2e-3 and LNS's at 5e-3 at 6 blocks, five seeds
     each, one LNS seed diverged; only those runs are trained again (by a stand-in trainer) and measured (by
-    stand_in_layers: Pre-LN's damage spread evenly over 4 blocks, LNS's 1, 1, 2 + seed, 2), and a second pass
-    trains nothing."""
+    stand_in_layers: Pre-LN's damage spread evenly over 4 blocks, LNS's 1, 1, 2 + seed, 2); one of them logs another
+    training loss than the study's run did, which the report counts; a second pass trains nothing."""
     import tuned_layers
     study_runs = tmp_path / 'study_runs'
     for scheme, rates in (('pre', {1e-3: 1.62, 2e-3: 1.60}), ('lns', {2e-3: 1.63, 5e-3: 1.61})):
@@ -748,7 +750,8 @@ def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path
                 folder.mkdir(parents=True)
                 record = ({'iter': 300, 'diverged': 'train'} if (scheme, seed) == ('lns', 4) else
                           {'iter': 1500, 'train_loss': loss, 'val_loss': loss + 0.001 * seed})
-                (folder / 'log.jsonl').write_text(json.dumps(record) + '\n')
+                (folder / 'log.jsonl').write_text(json.dumps({'iter': 150, 'loss': 2.0}) + '\n' +
+                                                  json.dumps(record) + '\n')
     trainer = tmp_path / 'train.py'
     trainer.write_text(LAYERS_STAND_IN)
     monkeypatch.setattr(training_runs, 'TRAIN_SCRIPT', str(trainer))
@@ -762,7 +765,9 @@ def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path
     tuned_layers.main(options)
     assert sorted(measured) == sorted([f'd6_lr0.002_pre_s{seed}' for seed in range(5)] +
                                       [f'd6_lr0.005_lns_s{seed}' for seed in range(4)])
-    report = json.loads((tmp_path / 'results' / 'tuned_layers.json').read_text())['depths']['6']
+    written = json.loads((tmp_path / 'results' / 'tuned_layers.json').read_text())
+    assert written['findings'][-1].startswith('8 of 9 runs trained again logged the same training losses')
+    report = written['depths']['6']
     assert report['schemes']['pre']['learning_rate'] == 2e-3 and report['schemes']['lns']['seeds'] == [0, 1, 2, 3]
     share = report['deep_half_share_lns_minus_pre']['lns']
     assert share['by_seed'] == pytest.approx([(4.0 + seed) / (6.0 + seed) - 0.5 for seed in range(4)])

@@ -23,7 +23,7 @@ import sys
 import time
 
 import tuned_study
-from training_runs import (HERE, RunFailed, analyze_layers, layer_findings, layer_profiles, plot_layer_drop,
+from training_runs import (HERE, RunFailed, analyze_layers, layer_findings, layer_profiles, plot_layer_drop, read_log,
                            require_prepared_data, run_all, threads_per_job, train, write_json)
 
 LAYER_TOKENS = 65536  # the regime study's: the first validation tokens, the same for every run
@@ -80,6 +80,15 @@ def measure(args, threads, depth, rate, scheme, seed, run):
     print(f"measured: {run} ({time.time() - start:.0f} s)", flush=True)
 
 
+def same_training(args, run):
+    """Whether a run trained again logged the same training losses, step for step, as the study's own run (the same
+    weights: only the evaluation differs, the study's runs having used the earlier per-seed estimator); None when
+    either log is missing."""
+    logs = [[r['loss'] for r in read_log(os.path.join(folder, run)) if 'loss' in r]
+            for folder in (args.runs, args.study_runs)]
+    return logs[0] == logs[1] if all(logs) else None
+
+
 def main(argv):
     args = parse_args(argv)
     require_prepared_data(args.data_dir)
@@ -98,6 +107,10 @@ def main(argv):
         sys.exit(f"error: no run measured in {os.path.join(args.results, 'tuned_layers')}; nothing written (drop "
                  f"--no_train to train and measure them)")
     lines = [line for depth, report in reports.items() for line in layer_findings(f"{depth} blocks", report)]
+    same = [same_training(args, run) for schemes in runs.values() for _, seeds in schemes.values()
+            for run in seeds.values() if os.path.exists(layers_path(args, run))]
+    lines.append(f"{same.count(True)} of {len(same) - same.count(None)} runs trained again logged the same training "
+                 f"losses, step for step, as the study's own runs")
     write_json(os.path.join(args.results, 'tuned_layers.json'), {
         'settings': {'tokens': LAYER_TOKENS, 'modes': MODES, 'study_runs': os.path.relpath(args.study_runs, HERE)},
         'findings': lines, 'depths': {str(depth): report for depth, report in reports.items()}})
