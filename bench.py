@@ -180,7 +180,8 @@ def run(argv):
 
 
 def usage():
-    return f"usage: python bench.py [config/file.py ...] [--key=value ...] [--steps=N] [--warmup=N] | --memory\n{__doc__}"
+    return (f"usage: python bench.py [config/file.py ...] [--key=value ...] [--steps=N] [--warmup=N]\n"
+            f"       python bench.py --memory\n{__doc__}")
 
 
 def main(argv):
