@@ -800,3 +800,24 @@ def test_the_regime_study_s_gpu_script_runs_its_width_arms_as_the_study_s_option
                      for args in (regime_study.parse_args(call[1:]) for call in calls))
     assert studies == [(['B256'], 'cuda', 1, 18), (['B512'], 'cuda', 1, 18)]
     assert status == 0 and output.count('1 run(s) ended, 0 failed') == 2
+
+
+def test_the_write_up_quotes_tuned_layers_as_its_no_train_pass_printed_it():
+    """experiments/README.md's paragraph on the tuned study's layers: for each depth measured, each scheme's best rate,
+    the deep-half shares, LNS minus Pre-LN with its interval, then how many runs trained again match the study's."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'tuned_layers.json')) as f:
+        layers = json.load(f)
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = ' '.join(f.read().split())
+    paragraph = write_up[write_up.index('The same layer measurements for the tuned study'):write_up.index('## Speed')]
+    for depth, report in layers['depths'].items():
+        schemes = report['schemes']
+        assert [len(schemes[s]['seeds']) for s in ('pre', 'lns')] == [5, 5], depth
+        found = {f.split(':', 1)[0]: re.findall(r'[-+]?\d+\.\d+', f.split(':', 1)[1]) for f in layers['findings']
+                 if f.startswith(f'{depth} blocks')}
+        shares = [found[f"{depth} blocks, {s} at {schemes[s]['learning_rate']:g}"][-1] for s in ('pre', 'lns')]
+        difference = found[f'{depth} blocks, deep-half share of the layer-drop damage, lns - pre'][:3]
+        rates = [f"{schemes[s]['learning_rate']:.0e}".replace('e-0', 'e-') for s in ('pre', 'lns')]
+        in_order(paragraph, rates + shares + difference)
+    same, total = re.match(r'(\d+) of (\d+) runs trained again', layers['findings'][-1]).groups()
+    in_order(paragraph, [f'{same} of the {total} runs trained again'])
