@@ -37,8 +37,8 @@ def measure(args, steps, warmup, label):
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         last_line = (result.stderr.strip().splitlines() or ['no output'])[-1]
-        raise UserError(f"measuring {label} failed ({last_line}); run python bench.py "
-                                     f"{' '.join(args)} to see the whole output")
+        raise UserError(f"measuring {label} failed ({last_line}); run python bench.py {' '.join(args)} to see the "
+                        f"whole output")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
