@@ -255,8 +255,8 @@ def plot_layer_drop(panels, path):
             if all(drop['t_95']):
                 ax.fill_between(blocks, *zip(*drop['t_95']), color=LAYER_COLORS[scheme], alpha=0.2)
         ax.axhline(0, color='black', linewidth=0.8)
-        ax.set(yscale='symlog', xlabel='block removed', ylabel='validation loss increase (nats)',
-               title=f"{title}: layer drop at each best rate (band: t 95%)")
+        ax.set(yscale='symlog', xlabel='block removed', ylabel='loss increase, block removed (nats; band: t 95%)',
+               title=f"{title}, each scheme at its best rate")
         ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
