@@ -127,7 +127,7 @@ def recorded_data_folder(loaded):
                 raise UserError(f"{folder} was prepared again since {m.name} trained on it (its data fingerprint "
                                 f"differs), so the run trained on other data; " + (
                                     f"pass --data {folder} to measure on it anyway, or --text FILE" if readable else
-                                    f"its characters are not the run's either: pass --text FILE to measure it"))
+                                    "its characters are not the run's either: pass --text FILE to measure it"))
     return folder
 
 
