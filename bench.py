@@ -68,7 +68,7 @@ def write_random_tokens(folder, cfg):
 
 def bench(cfg, steps, warmup):
     """Times `steps` optimizer steps of train.py's loop on cfg after `warmup` more; the result as a dict (see run)."""
-    device = configurator.resolve_device(cfg.device)
+    device, cfg = configurator.resolve_device(cfg.device), train.resolve_batch(cfg, 1)  # one process
     # in memory where Linux offers it: the run's one save (8 GB for the 1B model) then costs seconds, not tens
     with tempfile.TemporaryDirectory(dir='/dev/shm' if os.path.isdir('/dev/shm') else None) as folder:
         vocab_size = write_random_tokens(folder, cfg)
@@ -80,16 +80,16 @@ def bench(cfg, steps, warmup):
                       wandb_log=False)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
-            train.train(train.resolve_batch(run, 1), configurator.Distributed(), device)
+            train.train(run, configurator.Distributed(), device)
         seconds = time.perf_counter() - start
         records = [r for r in checkpoint.read_log(os.path.join(out_dir, 'log.jsonl'))
                    if 'ms_per_iter' in r and r['iter'] > warmup]
+    with torch.device('meta'):  # the model's size and FLOPs only: no second copy of its weights
         model = GPT(train.model_config(cfg, vocab_size))
     seconds_per_step = sum(r['ms_per_iter'] for r in records) / len(records) / 1000
     memory = (records[-1]['peak_memory_gib'] * 2 ** 30 if device.type == 'cuda'
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
-    return report(train.resolve_batch(cfg, 1), model, device, seconds - steps * seconds_per_step, seconds_per_step,
-                  memory)
+    return report(cfg, model, device, seconds - steps * seconds_per_step, seconds_per_step, memory)
 
 
 def report(cfg, model, device, warmup_seconds, seconds_per_step, memory):
