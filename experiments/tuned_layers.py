@@ -23,10 +23,10 @@ import sys
 import time
 
 import tuned_study
+from regime_study import LAYER_TOKENS  # the first validation tokens, the same for every run
 from training_runs import (HERE, RunFailed, analyze_layers, layer_findings, layer_profiles, plot_layer_drop, read_log,
                            require_prepared_data, run_all, threads_per_job, train, write_json)
 
-LAYER_TOKENS = 65536  # the regime study's: the first validation tokens, the same for every run
 MODES = ('lns',)  # compared with pre; gain_init's best-rate runs are left unmeasured (15 more runs)
 
 
