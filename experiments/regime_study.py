@@ -28,7 +28,8 @@ unmeasured) on the first LAYER_TOKENS of the validation split: per block the los
 (its neighbours keep their own 1/sqrt(l)), the angular distance between its input and output, the residual
 variance after it. Reported per scheme as means with t-intervals over seeds, and as the share of the whole
 layer-drop damage that the deepest half of the blocks carry, LNS minus Pre-LN paired by seed: do LNS's deep blocks
-matter more, at each scheme's own best?
+matter more, at each scheme's own best? And with seed 0 at every screened rate, LNS minus Pre-LN in loss and in
+that share: does the answer hold at the rates where LNS's loss is the lower?
 Writes experiments/results/regime_study.json (the layer analyses, one file per run, under
 results/regime_layers/, kept for clones without checkpoints) and experiments/figures/regime_study.png and
 regime_layers.png; runs go to experiments/runs/regime_study/, whose logs and train.out are committed.
@@ -44,8 +45,8 @@ import time
 
 import recipe_study
 import tuned_study
-from training_runs import (HERE, ROOT, RunFailed, analyze_layers, final_val_loss, interval, layer_findings,
-                           layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all, run_devices, run_plan,
+from training_runs import (HERE, ROOT, RunFailed, analyze_layers, deep_half_share, final_val_loss, interval,
+                           layer_findings, layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all, run_devices, run_plan,
                            sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
@@ -231,6 +232,7 @@ def arm_report(args, arm):
             report['gap'][mode] = paired(at_best[mode], at_best['pre'])
             report['held_out_gap'][mode] = paired(at_best[mode], at_best['pre'], seeds=range(1, SEEDS))
     report['layers'] = layer_report(args, arm, arm_losses)
+    report['screen_layers'] = screen_layers(args, arm, arm_losses)
     return report
 
 
@@ -243,6 +245,26 @@ def layer_report(args, arm, arm_losses):
         at_best[scheme] = (best, {seed: layers_path(args, os.path.basename(run_dir(args, arm, best, scheme, seed)))
                                   for seed in sorted(by_rate.get(best, {}))})
     return layer_profiles(at_best, ARMS[arm][2][1:], LAYER_TOKENS)
+
+
+def screen_layers(args, arm, arm_losses):
+    """Seed 0 at every screened rate where Pre-LN and an LNS mode both trained to the end and were measured:
+    {mode: {rate: the loss and the deep-half share of the layer-drop damage, mode minus Pre-LN}}. Whether the
+    deep blocks' share moves with the loss: does it hold at the rates where LNS's loss is the lower?"""
+    rows = {}
+    for mode in ARMS[arm][2][1:]:
+        for rate in sorted(set(arm_losses['pre']) & set(arm_losses.get(mode, {}))):
+            schemes = ('pre', mode)
+            loss = [arm_losses[scheme][rate].get(0, math.inf) for scheme in schemes]
+            paths = [layers_path(args, os.path.basename(run_dir(args, arm, rate, scheme, 0))) for scheme in schemes]
+            if not all(map(math.isfinite, loss)) or not all(map(os.path.exists, paths)):
+                continue
+            share = []
+            for path in paths:
+                with open(path) as f:
+                    share.append(deep_half_share([layer['loss_drop'] for layer in json.load(f)['models'][0]['layers']]))
+            rows.setdefault(mode, {})[f'{rate:g}'] = {'loss': loss[1] - loss[0], 'deep_half_share': share[1] - share[0]}
+    return rows
 
 
 def contrast(reports, first, second):
@@ -274,6 +296,14 @@ def findings(reports, contrasts):
                                  f"seed(s), t 95% {interval(g['t_95'])}; pre lower in {g['pre_lower_in']}, "
                                  f"{mode} lower in {g['lns_lower_in']} (sign test p = {g['sign_test_p']:.3g})")
         lines += layer_findings(f"arm {arm}", report['layers'])
+        for mode, rows in report['screen_layers'].items():
+            lower_loss = [rate for rate, row in rows.items() if row['loss'] < 0]
+            lower_share = [rate for rate, row in rows.items() if row['deep_half_share'] < 0]
+            lines.append(f"arm {arm}, seed 0 at each screened rate, {mode} - pre (loss, deep-half share): " +
+                         ', '.join(f"{rate} ({row['loss']:+.4f}, {row['deep_half_share']:+.3f})"
+                                   for rate, row in rows.items()) +
+                         f"; {mode}'s share lower at {len(lower_share)} of {len(rows)} rates, "
+                         f"{len(set(lower_share) & set(lower_loss))} of the {len(lower_loss)} where its loss is lower")
     for (first, second, words), c in zip(CONTRASTS, contrasts):
         if c and c['mean'] is not None:
             lines.append(f"{words}: the lns - pre gap changes by {c['mean']:+.4f} from arm {first} to arm "

@@ -678,6 +678,18 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
     assert share['by_seed'] == pytest.approx([s - 0.5 for s in lns_share]) and share['lns_higher_in'] == 5
     assert layers['schemes']['lns']['loss_drop']['mean'] == pytest.approx([1.0, 1.0, 4.0, 2.0])
     assert all((tmp_path / 'figures' / name).exists() for name in ('regime_study.png', 'regime_layers.png'))
+    # seed 0 across arm B's screen: LNS's loss and deep-half share minus Pre-LN's at each rate
+    def stand_in_loss(scheme, rate):
+        best = {'pre': 3e-3, 'lns': 5e-3}[scheme]
+        return 0.5 * math.log10(rate / best) ** 2 + (0.02 - 0.015 if scheme == 'lns' else 0.0)
+    screen = arms['B']['screen_layers']['lns']
+    assert sorted(map(float, screen)) == [1e-3, 2e-3, 3e-3, 5e-3, 1e-2]
+    assert all(row['loss'] == pytest.approx(stand_in_loss('lns', float(rate)) - stand_in_loss('pre', float(rate)))
+               and row['deep_half_share'] == pytest.approx(4 / 6 - 0.5) for rate, row in screen.items())
+    lower = sum(stand_in_loss('lns', rate) < stand_in_loss('pre', rate) for rate in map(float, screen))
+    assert lower == 2 and any(line.startswith('arm B, seed 0 at each screened rate, lns - pre') and
+                              line.endswith(f"lns's share lower at 0 of 5 rates, 0 of the {lower} where its loss is "
+                                            f"lower") for line in study['findings'])
 
 
 def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pass_printed_them():

@@ -186,6 +186,12 @@ def interval(values):
 
 # ----------------------------------------------------------------------------- layer profiles (eval_layers.py's)
 
+def deep_half_share(loss_drops):
+    """The share of the whole layer-drop damage (the loss increases with each block removed) that the deepest half
+    of the blocks carry."""
+    return sum(loss_drops[len(loss_drops) // 2:]) / sum(loss_drops)
+
+
 def layer_profiles(at_best, modes, tokens):
     """Per scheme, from the layer analyses of its runs at its best rate (at_best: {scheme: (rate, {seed: the
     eval_layers.py JSON of that run})}, those that exist): per block the loss increase with the block removed, the
@@ -207,7 +213,7 @@ def layer_profiles(at_best, modes, tokens):
             profile[key] = {'mean': [statistics.mean(values) for values in per_block],
                             't_95': [t_interval(list(values)) for values in per_block]}
         drops = {seed: [layer['loss_drop'] for layer in blocks] for seed, blocks in layers.items()}
-        profile['deep_half_share'] = {str(seed): sum(d[len(d) // 2:]) / sum(d) for seed, d in drops.items()}
+        profile['deep_half_share'] = {str(seed): deep_half_share(d) for seed, d in drops.items()}
         profiles[scheme] = profile
     shares = {}
     for mode in modes:
