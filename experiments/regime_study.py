@@ -46,8 +46,8 @@ import time
 import recipe_study
 import tuned_study
 from training_runs import (HERE, ROOT, RunFailed, analyze_layers, deep_half_share, final_val_loss, interval,
-                           layer_findings, layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all, run_devices, run_plan,
-                           sign_test, t_interval, threads_per_job, train, write_json)
+                           layer_findings, layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all,
+                           run_devices, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
