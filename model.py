@@ -269,7 +269,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope):
         if self.layout == 'norm_before':  # pre, lns, and mix after its boundary
-            # h = x + A(N(x) * lns_scale); y = h + F(N(h) * lns_scale)   (1/sqrt(l) under lns where lns_position puts it)
+            # h = x + A(N(x) * s); y = h + F(N(h) * s), s = lns_scale (1/sqrt(l) under lns where lns_position puts it)
             h = x + self.residual_branch(self.attn(self.attn_norm(x) * self.attn_lns_scale, rope), self.attn_gain)
             return h + self.residual_branch(self.mlp(self.mlp_norm(h) * self.mlp_lns_scale), self.mlp_gain)
         if self.layout == 'norm_after':  # post and mix's first blocks (a = 1); deepnorm (a = (2L)^(1/4))

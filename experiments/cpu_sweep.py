@@ -8,8 +8,9 @@ then eval_layers on the Pre-LN and LNS models.
 
 Prints the table and the numbers experiments/README.md quotes. Writes experiments/results/cpu_sweep.json (every run's
 final validation loss and curve, and mean +- std per scheme and depth), experiments/results/layers_<depth>.json
-(eval_layers on seed 0, pre against lns) and the figures in experiments/figures/. Training runs go to experiments/runs/cpu_sweep/; each run's log.jsonl and
-train.out are committed, so the table can be recomputed from a clone (--no_train) and a rerun skips them.
+(eval_layers on seed 0, pre against lns) and the figures in experiments/figures/. Training runs go to
+experiments/runs/cpu_sweep/; each run's log.jsonl and train.out are committed, so the table can be recomputed from a
+clone (--no_train) and a rerun skips them.
 """
 
 import argparse
@@ -135,14 +136,19 @@ def findings(args, table):
     for depth in args.depths:
         pre, lns = table[f'{depth}/pre'], table[f'{depth}/lns']
         if pre['mean'] is not None and lns['mean'] is not None:
-            lines.append(f"{depth} blocks: LNS minus Pre-LN, mean validation loss: {lns['mean'] - pre['mean']:+.4f} nats")
-        with open(os.path.join(args.results, f'layers_{depth}.json')) as f:
+            lines.append(f"{depth} blocks: LNS minus Pre-LN, mean validation loss: "
+                         f"{lns['mean'] - pre['mean']:+.4f} nats")
+        path = os.path.join(args.results, f'layers_{depth}.json')
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
             models = json.load(f)['models']
         for model in models:
             layers = model['layers']
             cheap = [layer['block'] for layer in layers if layer['loss_drop'] < 0.002]
             cheapest = min(layers, key=lambda layer: layer['loss_drop'])
-            lines.append(f"{depth} blocks, {model['name']}: variance after the last block {layers[-1]['variance']:.2g}; "
+            lines.append(f"{depth} blocks, {model['name']}: variance after the last block "
+                         f"{layers[-1]['variance']:.2g}; "
                          f"blocks whose removal costs under 0.002 nats: {compact(cheap) or 'none'} of {len(layers)}; "
                          f"the cheapest: block {cheapest['block']}, {cheapest['loss_drop']:.4f} nats")
     return lines
@@ -168,8 +174,13 @@ def main(argv):
     print(f"wrote {plot_curves(args, runs)}")
     for depth in args.depths:
         folders = [os.path.relpath(run_dir(args, depth, scheme, args.seeds[0])) for scheme in ('pre', 'lns')]
-        analyze_layers(folders, args.data_dir, depth, os.path.join(args.results, f'layers_{depth}.json'),
-                       os.path.join(args.figures, f'deep{depth}'), threads)
+        layers = os.path.join(args.results, f'layers_{depth}.json')
+        if all(os.path.exists(os.path.join(folder, 'ckpt.pt')) for folder in folders):
+            analyze_layers(folders, args.data_dir, depth, layers, os.path.join(args.figures, f'deep{depth}'),
+                           threads)
+        else:  # a clone: the checkpoints are not committed, their analyses are
+            source = f"those of {os.path.relpath(layers)}" if os.path.exists(layers) else "left out"
+            print(f"{depth} blocks: seed {args.seeds[0]}'s checkpoints are not here; the layer findings are {source}")
     for line in findings(args, table):
         print(line)
     if failures:

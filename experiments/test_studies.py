@@ -286,6 +286,28 @@ def test_cpu_sweep_counts_a_run_diverged_from_its_log_record(tmp_path):
     assert len(runs) == 3
 
 
+def test_cpu_sweep_reports_from_a_clone_with_the_committed_layer_analyses(tmp_path, monkeypatch, capsys):
+    """A clone holds the runs' logs and results/layers_<depth>.json, not the checkpoints: --no_train measures
+    nothing and prints the layer findings of the committed analysis."""
+    (tmp_path / 'val.bin').write_bytes(b'')
+    options = ['--no_train', '--depths', '12', '--schemes', 'pre', 'lns', '--seeds', '0', '--steps', '10',
+               *[f'--{name}={tmp_path / name}' for name in ('runs', 'results', 'figures')], '--data_dir',
+               str(tmp_path)]
+    args = cpu_sweep.parse_args(options)
+    for scheme in ('pre', 'lns'):
+        os.makedirs(cpu_sweep.run_dir(args, 12, scheme, 0))
+        with open(os.path.join(cpu_sweep.run_dir(args, 12, scheme, 0), 'log.jsonl'), 'w') as f:
+            f.write(json.dumps({'iter': 10, 'val_loss': 2.0}) + '\n')
+    layers = [{'block': b, 'loss_drop': 0.001 if b == 3 else 0.1, 'variance': 0.5} for b in range(1, 5)]
+    (tmp_path / 'results').mkdir()
+    (tmp_path / 'results' / 'layers_12.json').write_text(json.dumps({'models': [{'name': 'x', 'layers': layers}]}))
+    monkeypatch.setattr(cpu_sweep, 'analyze_layers', lambda *args, **kwargs: pytest.fail('measured without a run'))
+    cpu_sweep.main(options)
+    out = capsys.readouterr().out
+    assert "checkpoints are not here; the layer findings are those of" in out
+    assert 'x: variance after the last block 0.5; blocks whose removal costs under 0.002 nats: 3 of 4' in out
+
+
 @pytest.mark.slow
 def test_recipe_study_trains_with_the_real_trainer(tmp_path):
     data = tmp_path / 'data'
