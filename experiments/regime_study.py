@@ -23,10 +23,10 @@ Reports, per arm: the passes over the training data, each scheme's best rate and
 gap of each LNS mode to Pre-LN at their best rates paired by seed with a 95% t-interval and a sign test, the same
 gap over seeds 1-4 alone (held out: the rates were chosen on seed 0), and each scheme's validation-minus-training
 loss at the end; across arms, the gap's change from A to B (repetition) and from B to C (width), paired by seed.
-eval_layers.py measures each run as it finishes (and, once an arm is complete, any run at a best rate still
-unmeasured) on the first LAYER_TOKENS of the validation split: per block the loss increase with the block removed
-(its neighbours keep their own 1/sqrt(l)), the angular distance between its input and output, the residual
-variance after it. Reported per scheme as means with t-intervals over seeds, and as the share of the whole
+eval_layers.py measures each run as it finishes (and, once an arm is complete, any run at a best rate or seed-0
+screen run still unmeasured) on the first LAYER_TOKENS of the validation split: per block the loss increase with the
+block removed (its neighbours keep their own 1/sqrt(l)), the angular distance between its input and output, the
+residual variance after it. Reported per scheme as means with t-intervals over seeds, and as the share of the whole
 layer-drop damage that the deepest half of the blocks carry, LNS minus Pre-LN paired by seed: do LNS's deep blocks
 matter more, at each scheme's own best? And with seed 0 at every screened rate, LNS minus Pre-LN in loss and in
 that share: does the answer hold at the rates where LNS's loss is the lower?
@@ -152,15 +152,25 @@ def run_one(args, threads, arm, rate, scheme, seed):
 
 def study(args, threads):
     """Arm by arm, the screen then the seeds at each best, until nothing is left to run, then the layer analyses of
-    the runs at each best; returns the failed runs."""
+    the runs still unmeasured (unmeasured_runs); returns the failed runs."""
     failures = []
     for arm in args.arms:
         failed = run_plan(lambda: plan(args, arm), lambda *job: run_one(args, threads, *job), args.jobs, f'arm {arm}')
         failures += failed
         if not failed:  # every run of the arm has finished
-            failures += run_all([lambda run=run: analyze_run(args, threads, run) for run in best_runs(args, arm)
-                                 if not os.path.exists(layers_path(args, run))], args.jobs)
+            failures += run_all([lambda run=run: analyze_run(args, threads, run) for run in unmeasured_runs(args, arm)],
+                                args.jobs)
     return failures
+
+
+def unmeasured_runs(args, arm):
+    """The runs without a layer analysis that the report reads: every run at a best rate (an error when its
+    checkpoint is gone), and the screen's seed-0 runs whose checkpoints are here (runs trained before the study
+    measured each one as it finished)."""
+    screen = [name for name in sorted(os.listdir(args.runs)) if name.startswith(f'{arm}_lr') and name.endswith('_s0')
+              and os.path.exists(os.path.join(args.runs, name, 'ckpt.pt'))
+              and outcome(os.path.join(args.runs, name), args.steps) == 'finished']
+    return [run for run in dict.fromkeys(best_runs(args, arm) + screen) if not os.path.exists(layers_path(args, run))]
 
 
 def best_runs(args, arm):

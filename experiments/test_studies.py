@@ -712,6 +712,16 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
     assert lower == 2 and any(line.startswith('arm B, seed 0 at each screened rate, lns - pre') and
                               line.endswith(f"lns's share lower at 0 of 5 rates, 0 of the {lower} where its loss is "
                                             f"lower") for line in study['findings'])
+    # a second pass trains nothing and measures the screen runs left unmeasured whose checkpoints are here
+    analyses = tmp_path / 'results' / 'regime_layers'
+    (analyses / 'A_lr0.001_pre_s0.json').unlink()
+    (analyses / 'A_lr0.01_lns_s0.json').unlink()
+    (tmp_path / 'runs' / 'A_lr0.01_lns_s0' / 'ckpt.pt').unlink()  # as in a clone: this one cannot be measured
+    measured = []
+    monkeypatch.setattr(regime_study, 'analyze_layers', lambda folders, *args, **kwargs: (
+        measured.append(os.path.basename(folders[0])), stand_in_layers(folders, *args, **kwargs)))
+    regime_study.main(['--steps', '10', '--jobs', '2', *folders])
+    assert measured == ['A_lr0.001_pre_s0'] and (tmp_path / 'runs' / 'order.txt').read_text().split() == order
 
 
 def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pass_printed_them():
