@@ -768,6 +768,32 @@ def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pa
                ' '.join(study['findings']) for a in 'AB') and 'LNS lower in all 5' in findings
 
 
+def test_the_write_up_quotes_the_regime_study_s_screens_layer_reading_as_its_no_train_pass_printed_it():
+    """experiments/README.md's paragraph on the deep-half share at every screened rate: the count of rates where
+    LNS's share is the lower, arm by arm, then each rate where LNS's loss is the lower with its loss and share
+    differences, in the order the committed regime_study.json's findings give them."""
+    with open(os.path.join(ROOT, 'experiments', 'results', 'regime_study.json')) as f:
+        study = json.load(f)
+    with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
+        write_up = ' '.join(f.read().split())
+    paragraph = write_up[write_up.index("Does that reading need LNS's loss"):write_up.index('Status:')]
+    counts, lower_loss, pairs = [], [], 0
+    for arm, mode in (('A', 'lns'), ('B', 'lns'), ('B', 'lns_gain'), ('C', 'lns')):
+        rows = study['arms'][arm]['screen_layers'][mode]
+        assert len(rows) >= 5 and f"arm {arm}, seed 0 at each screened rate, {mode} - pre" in ' '.join(
+            study['findings'])
+        counts.append(f"{sum(row['deep_half_share'] < 0 for row in rows.values())} of {len(rows)}")
+        pairs += len(rows)
+        for rate, row in rows.items():
+            if row['loss'] < 0:
+                lower_loss += [f"{float(rate):.0e}".replace('e-0', 'e-'), f"{row['loss']:.4f}",
+                               f"{row['deep_half_share']:.3f}"]
+    in_order(paragraph, counts)
+    in_order(paragraph, lower_loss + [f'all {pairs} pairs'])
+    assert all(row['deep_half_share'] < 0 for arm in 'ABC' for rows in study['arms'][arm]['screen_layers'].values()
+               for row in rows.values())  # "the direction is the same in all of them"
+
+
 LAYERS_STAND_IN = '''
 import json, os, sys
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
