@@ -725,7 +725,7 @@ def test_regime_study_screens_each_arm_then_pairs_five_seeds_at_each_best_with_t
 
 
 def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pass_printed_them():
-    """experiments/README.md's regime-study paragraphs on arms A and B, and README's sentence: each number in the
+    """experiments/README.md's regime-study paragraphs on arms A, B and C, and README's sentences: each number in the
     order the committed regime_study.json's findings give it (keyed to the numbers, not the wording)."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'regime_study.json')) as f:
         study = json.load(f)
@@ -760,12 +760,34 @@ def test_the_write_up_quotes_the_regime_study_s_complete_arms_as_its_no_train_pa
     in_order(paragraph_b, [f"{arm_b['passes']:.2f}"] + gap_b[:3] + held_out_b[:3] + gain_b[:3] +
              [f"{arm_b['schemes'][s]['val_minus_train']:+.4f}" for s in ('pre', 'lns', 'lns_gain')] + repetition +
              [share_of['pre'], share_of['lns'], share_of['lns_gain']] + shares_b['lns'] + shares_b['lns_gain'])
+    # arm C: its gap, the held-out gap, validation minus training, the width contrast, the deep-half shares
+    arm_c = study['arms']['C']
+    assert [arm_c['schemes'][s]['seeds_at_best'] for s in ('pre', 'lns')] == [5, 5]
+    found_c = {f.split(':', 1)[0]: re.findall(r'[-+]?\d+\.\d+', f.split(':', 1)[1]) for f in study['findings']
+               if f.startswith('arm C')}
+    gap_c, held_out_c = found_c['arm C, lns - pre at the best rates'], found_c['arm C, lns - pre held out (seeds 1-4)']
+    shares_c = found_c['arm C, deep-half share of the layer-drop damage, lns - pre'][:3]
+    share_c = {s: found_c[f"arm C, {s} at {arm_c['schemes'][s]['best_learning_rate']:g}"][-1] for s in ('pre', 'lns')}
+    width, = [re.findall(r'[-+]\d+\.\d+', f) for f in study['findings'] if f.startswith('width: 64 (B) against 128')]
+    paragraph_c = section[section.index('Arm C completes the study'):section.index('Status:')]
+    in_order(paragraph_c, [f"{arm_c['passes']:.2f}"] + gap_c[:3] + held_out_c[:3] +
+             [f"{arm_c['schemes'][s]['val_minus_train']:+.4f}" for s in ('pre', 'lns')] + width +
+             [share_c['pre'], share_c['lns']] + shares_c)
+    assert all(study['arms'][a]['gap']['lns']['pre_lower_in'] == 4 for a in 'ABC')  # "4 of 5 pairs in each"
     with open(os.path.join(ROOT, 'README.md')) as f:
         readme = ' '.join(f.read().split())
     findings = readme[readme.index('## What the studies show'):readme.index('## The model')]
-    in_order(findings, gap[:3] + gap_b[:3] + repetition + [lns_share, share_of['lns'], pre_share, share_of['pre']])
+    in_order(findings, [lns_share, share_of['lns'], share_c['lns'], pre_share, share_of['pre'], share_c['pre']])
+    in_order(findings, gap[:3] + gap_b[:3] + gap_c[:3] + ['4 of 5 pairs in each'] + repetition + width +
+             ['no interval here excludes no difference'])
+    assert all(float(number) < 0 < float(upper) for number, upper in
+               ((gap[1], gap[2]), (gap_b[1], gap_b[2]), (gap_c[1], gap_c[2]), (repetition[1], repetition[2]),
+                (width[1], width[2])))
     assert all(f"pre higher in {study['arms'][a]['layers']['deep_half_share_lns_minus_pre']['lns']['seeds']}" in
-               ' '.join(study['findings']) for a in 'AB') and 'LNS lower in all 5' in findings
+               ' '.join(study['findings']) for a in 'ABC') and 'LNS lower in every pair' in findings
+    screens = [row for a in 'ABC' for rows in study['arms'][a]['screen_layers'].values() for row in rows.values()]
+    assert all(row['deep_half_share'] < 0 for row in screens)
+    in_order(findings, [f'{len(screens)} one-seed pairs', f"the {sum(row['loss'] < 0 for row in screens)} pairs"])
 
 
 def test_the_write_up_quotes_the_regime_study_s_screens_layer_reading_as_its_no_train_pass_printed_it():
@@ -874,7 +896,8 @@ def test_the_regime_study_s_gpu_script_runs_its_width_arms_as_the_study_s_option
 
 def test_the_write_up_quotes_tuned_layers_as_its_no_train_pass_printed_it():
     """experiments/README.md's paragraph on the tuned study's layers: for each depth measured, each scheme's best rate,
-    the deep-half shares, LNS minus Pre-LN with its interval, then how many runs trained again match the study's."""
+    the deep-half shares, LNS minus Pre-LN with its interval, then how many runs trained again match the study's; and
+    README's deep-block sentence: LNS's shares, then Pre-LN's, at the depths measured."""
     with open(os.path.join(ROOT, 'experiments', 'results', 'tuned_layers.json')) as f:
         layers = json.load(f)
     with open(os.path.join(ROOT, 'experiments', 'README.md')) as f:
@@ -891,3 +914,17 @@ def test_the_write_up_quotes_tuned_layers_as_its_no_train_pass_printed_it():
         in_order(paragraph, rates + shares + difference)
     same, total = re.match(r'(\d+) of (\d+) runs trained again', layers['findings'][-1]).groups()
     in_order(paragraph, [f'{same} of the {total} runs trained again'])
+    # README's sentence on deep blocks: LNS's shares by depth, then Pre-LN's
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = ' '.join(f.read().split())
+    findings = readme[readme.index('## What the studies show'):readme.index('## The model')]
+    shares = {s: [] for s in ('pre', 'lns')}
+    for depth, report in layers['depths'].items():
+        for s in shares:
+            line = f"{depth} blocks, {s} at {report['schemes'][s]['learning_rate']:g}"
+            shares[s] += [re.findall(r'\d+\.\d+%', f)[0] for f in layers['findings'] if f.startswith(line)]
+    *first, last = layers['depths']
+    depths = f"{', '.join(first)} and {last}" if first else last
+    in_order(findings, shares['lns'] + shares['pre'] + [f'{depths} blocks in the tuned study'])
+    assert 'LNS lower in every pair' in findings and all(
+        report['deep_half_share_lns_minus_pre']['lns']['pre_higher_in'] == 5 for report in layers['depths'].values())
