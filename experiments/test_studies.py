@@ -859,6 +859,8 @@ def test_tuned_layers_trains_again_and_measures_only_the_best_rate_runs(tmp_path
                                       [f'd6_lr0.005_lns_s{seed}' for seed in range(4)])
     written = json.loads((tmp_path / 'results' / 'tuned_layers.json').read_text())
     assert written['findings'][-1].startswith('8 of 9 runs trained again logged the same training losses')
+    assert written['findings'][-1].endswith('the other 1 differ at the first logged step (iteration 150) by a median '
+                                            '1.0e-01 and at most 1.0e-01, and over the run by at most 0.100')
     report = written['depths']['6']
     assert report['schemes']['pre']['learning_rate'] == 2e-3 and report['schemes']['lns']['seeds'] == [0, 1, 2, 3]
     share = report['deep_half_share_lns_minus_pre']['lns']
@@ -913,7 +915,8 @@ def test_the_write_up_quotes_tuned_layers_as_its_no_train_pass_printed_it():
         rates = [f"{schemes[s]['learning_rate']:.0e}".replace('e-0', 'e-') for s in ('pre', 'lns')]
         in_order(paragraph, rates + shares + difference)
     same, total = re.match(r'(\d+) of (\d+) runs trained again', layers['findings'][-1]).groups()
-    in_order(paragraph, [f'{same} of the {total} runs trained again'])
+    differences = re.findall(r'\d\.\d+e-\d+|\d\.\d{3}\b', layers['findings'][-1].split(';')[1])
+    in_order(paragraph, [f'{same} of the {total} runs trained again'] + differences)
     # README's sentence on deep blocks: LNS's shares by depth, then Pre-LN's
     with open(os.path.join(ROOT, 'README.md')) as f:
         readme = ' '.join(f.read().split())

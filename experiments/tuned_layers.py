@@ -19,6 +19,7 @@ logs and train.out committed). A run measured already is skipped, so the script 
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -81,12 +82,17 @@ def measure(args, threads, depth, rate, scheme, seed, run):
 
 
 def same_training(args, run):
-    """Whether a run trained again logged the same training losses, step for step, as the study's own run (the same
-    weights: only the evaluation differs, the study's runs having used the earlier per-seed estimator); None when
-    either log is missing."""
-    logs = [[r['loss'] for r in read_log(os.path.join(folder, run)) if 'loss' in r]
+    """A run trained again against the study's own run, from their logged training losses: {'same': True when they
+    are the same step for step (the same weights; only the evaluation differs, the study's runs having used the
+    earlier per-seed estimator), 'first_step', 'first': the difference at the first logged step, 'largest': the
+    largest over the run}; None when either log is missing."""
+    logs = [{r['iter']: r['loss'] for r in read_log(os.path.join(folder, run)) if 'loss' in r}
             for folder in (args.runs, args.study_runs)]
-    return logs[0] == logs[1] if all(logs) else None
+    steps = sorted(set(logs[0]) & set(logs[1]))
+    if not steps:
+        return None
+    differences = [abs(logs[0][step] - logs[1][step]) for step in steps]
+    return {'same': logs[0] == logs[1], 'first_step': steps[0], 'first': differences[0], 'largest': max(differences)}
 
 
 def main(argv):
@@ -107,10 +113,16 @@ def main(argv):
         sys.exit(f"error: no run measured in {os.path.join(args.results, 'tuned_layers')}; nothing written (drop "
                  f"--no_train to train and measure them)")
     lines = [line for depth, report in reports.items() for line in layer_findings(f"{depth} blocks", report)]
-    same = [same_training(args, run) for schemes in runs.values() for _, seeds in schemes.values()
-            for run in seeds.values() if os.path.exists(layers_path(args, run))]
-    lines.append(f"{same.count(True)} of {len(same) - same.count(None)} runs trained again logged the same training "
-                 f"losses, step for step, as the study's own runs")
+    compared = [same_training(args, run) for schemes in runs.values() for _, seeds in schemes.values()
+                for run in seeds.values() if os.path.exists(layers_path(args, run))]
+    compared = [c for c in compared if c]
+    other = [c for c in compared if not c['same']]
+    lines.append(f"{len(compared) - len(other)} of {len(compared)} runs trained again logged the same training "
+                 f"losses, step for step, as the study's own runs" + (
+                     f"; the other {len(other)} differ at the first logged step (iteration {other[0]['first_step']}) "
+                     f"by a median {statistics.median(c['first'] for c in other):.1e} and at most "
+                     f"{max(c['first'] for c in other):.1e}, and over the run by at most "
+                     f"{max(c['largest'] for c in other):.3f}" if other else ''))
     write_json(os.path.join(args.results, 'tuned_layers.json'), {
         'settings': {'tokens': LAYER_TOKENS, 'modes': MODES, 'study_runs': os.path.relpath(args.study_runs, HERE)},
         'findings': lines, 'depths': {str(depth): report for depth, report in reports.items()}})
