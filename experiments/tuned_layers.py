@@ -81,7 +81,7 @@ def measure(args, threads, depth, rate, scheme, seed, run):
     print(f"measured: {run} ({time.time() - start:.0f} s)", flush=True)
 
 
-def same_training(args, run):
+def against_study(args, run):
     """A run trained again against the study's own run, from their logged training losses: {'same': True when they
     are the same step for step (the same weights; only the evaluation differs, the study's runs having used the
     earlier per-seed estimator), 'first_step', 'first': the difference at the first logged step, 'largest': the
@@ -113,7 +113,7 @@ def main(argv):
         sys.exit(f"error: no run measured in {os.path.join(args.results, 'tuned_layers')}; nothing written (drop "
                  f"--no_train to train and measure them)")
     lines = [line for depth, report in reports.items() for line in layer_findings(f"{depth} blocks", report)]
-    compared = [same_training(args, run) for schemes in runs.values() for _, seeds in schemes.values()
+    compared = [against_study(args, run) for schemes in runs.values() for _, seeds in schemes.values()
                 for run in seeds.values() if os.path.exists(layers_path(args, run))]
     compared = [c for c in compared if c]
     other = [c for c in compared if not c['same']]
