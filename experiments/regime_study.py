@@ -46,8 +46,8 @@ import time
 import recipe_study
 import tuned_study
 from training_runs import (HERE, ROOT, RunFailed, analyze_layers, deep_half_share, final_val_loss, interval,
-                           layer_findings, layer_profiles, outcome, plot_layer_drop, pyplot, read_log, run_all,
-                           run_devices, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
+                           layer_findings, layer_profiles, outcome, plot_layer_drop, pyplot, read_layers, read_log,
+                           run_all, run_devices, run_plan, sign_test, t_interval, threads_per_job, train, write_json)
 
 DEPTH, STEPS, SEQUENCES, BLOCK = 12, 1500, 32, 64
 EVAL_SEQUENCES = 2048  # windows of 64 characters: 131,072 of the validation split's 525,766
@@ -269,10 +269,7 @@ def screen_layers(args, arm, arm_losses):
             paths = [layers_path(args, os.path.basename(run_dir(args, arm, rate, scheme, 0))) for scheme in schemes]
             if not all(map(math.isfinite, loss)) or not all(map(os.path.exists, paths)):
                 continue
-            share = []
-            for path in paths:
-                with open(path) as f:
-                    share.append(deep_half_share([layer['loss_drop'] for layer in json.load(f)['models'][0]['layers']]))
+            share = [deep_half_share([layer['loss_drop'] for layer in read_layers(path)]) for path in paths]
             rows.setdefault(mode, {})[f'{rate:g}'] = {'loss': loss[1] - loss[0], 'deep_half_share': share[1] - share[0]}
     return rows
 

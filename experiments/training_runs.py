@@ -186,6 +186,12 @@ def interval(values):
 
 # ----------------------------------------------------------------------------- layer profiles (eval_layers.py's)
 
+def read_layers(path):
+    """The per-block records of a one-run layer analysis (eval_layers.py's JSON)."""
+    with open(path) as f:
+        return json.load(f)['models'][0]['layers']
+
+
 def deep_half_share(loss_drops):
     """The share of the whole layer-drop damage (the loss increases with each block removed) that the deepest half
     of the blocks carry."""
@@ -200,11 +206,7 @@ def layer_profiles(at_best, modes, tokens):
     each LNS mode's share minus Pre-LN's paired by seed."""
     profiles = {}
     for scheme, (best, paths) in at_best.items():
-        layers = {}
-        for seed, path in paths.items():
-            if os.path.exists(path):
-                with open(path) as f:
-                    layers[seed] = json.load(f)['models'][0]['layers']
+        layers = {seed: read_layers(path) for seed, path in paths.items() if os.path.exists(path)}
         if not layers:
             continue
         profile = {'learning_rate': best, 'seeds': sorted(layers)}
