@@ -167,9 +167,9 @@ def unmeasured_runs(args, arm):
     """The runs without a layer analysis that the report reads: every run at a best rate (an error when its
     checkpoint is gone), and the screen's seed-0 runs whose checkpoints are here (runs trained before the study
     measured each one as it finished)."""
-    screen = [name for name in sorted(os.listdir(args.runs)) if name.startswith(f'{arm}_lr') and name.endswith('_s0')
-              and os.path.exists(os.path.join(args.runs, name, 'ckpt.pt'))
-              and outcome(os.path.join(args.runs, name), args.steps) == 'finished']
+    screen = [run_dir(args, arm, rate, scheme, 0) for scheme, by_rate in losses(args, arm).items()
+              for rate, seeds in sorted(by_rate.items()) if math.isfinite(seeds.get(0, math.inf))]
+    screen = [os.path.basename(folder) for folder in screen if os.path.exists(os.path.join(folder, 'ckpt.pt'))]
     return [run for run in dict.fromkeys(best_runs(args, arm) + screen) if not os.path.exists(layers_path(args, run))]
 
 
